@@ -580,7 +580,7 @@ def load_pipeline(model: str, device, dtype, random_weights: bool = False) -> Pi
         try:
             clip = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype).to(device)
             t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype).to(device)
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device, dtype)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype).to(device)
         except (OSError, ValueError) as e:
             raise UserError(f"could not load the text encoders / VAE from {path}: {str(e).splitlines()[0]}") from e
         name = model
@@ -754,6 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 28 for dev, 4 for schnell)")
     p.add_argument("--guidance", type=float, default=None, help="guidance (default: 3.5 for dev, unused by schnell)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1, help="images of the prompt per forward pass")
     p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: 512 dev, 256 schnell)")
     p.add_argument("--output", default="output.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -776,6 +777,8 @@ def check_args(args) -> None:
         raise UserError(f"--height/--width must be positive, got {args.height}x{args.width}")
     if args.max_sequence_length is not None and args.max_sequence_length <= 0:
         raise UserError(f"--max-sequence-length must be positive, got {args.max_sequence_length}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.warmup < 0 or args.runs < 1:
         raise UserError("--warmup must be >= 0 and --runs >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -811,7 +814,8 @@ def main(argv=None) -> int:
         pipe = load_pipeline(args.model, args.device, dtype, args.random_weights)
         check_size(args.height, args.width, pipe.vae_scale_factor)
         cfg = pipe.cfg
-        req = Request([args.prompt], [args.prompt_2 or args.prompt], args.height, args.width,
+        req = Request([args.prompt] * args.batch_size, [args.prompt_2 or args.prompt] * args.batch_size,
+                      args.height, args.width,
                       args.steps or cfg.default_steps,
                       cfg.default_guidance if args.guidance is None else args.guidance,
                       args.seed, args.max_sequence_length or cfg.max_sequence_length)
@@ -823,12 +827,15 @@ def main(argv=None) -> int:
     for key in ("text_encoders", "denoiser", "vae"):
         print(f"{key} time: {summary[key]['median']:.3f}s")
     print(f"end-to-end time: {summary['end_to_end']['median']:.3f}s")
-    save_png(images[0], args.output, {
-        "prompt": args.prompt, "prompt_2": args.prompt_2 or args.prompt, "seed": req.seed, "steps": req.steps,
-        "guidance": req.guidance, "size": f"{req.width}x{req.height}", "model": pipe.model_name,
-        "random_weights": args.random_weights,
-    })
-    print(f"saved {args.output}")
+    stem, ext = os.path.splitext(args.output)
+    for i, image in enumerate(images):
+        path = args.output if len(images) == 1 else f"{stem}-{i}{ext}"
+        save_png(image, path, {
+            "prompt": args.prompt, "prompt_2": args.prompt_2 or args.prompt, "seed": req.seed, "batch_index": i,
+            "steps": req.steps, "guidance": req.guidance, "size": f"{req.width}x{req.height}",
+            "model": pipe.model_name, "random_weights": args.random_weights,
+        })
+        print(f"saved {path}")
     if args.timings_json:
         with open(args.timings_json, "w") as f:
             json.dump({"script": os.path.basename(__file__), "args": vars(args), **summary}, f, indent=1)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
+# Usage: bash gpu_checks.sh [tests] [reference] [optimized] [bench CONFIGS]   (default: all but bench)
+set -uo pipefail
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then  # diffusers is not on the device image
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
+PROMPT="a photograph of a red fox in fresh snow, golden hour"
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(tests reference optimized)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
+python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)" | tee -a "$OUT/env.txt"
+status=0
+while [ ${#steps[@]} -gt 0 ]; do
+  step=${steps[0]}; steps=("${steps[@]:1}")
+  start=$(date +%s)
+  case $step in
+    tests) python3 -m pytest -q -m cuda tests/ -x 2>&1 | tee "$OUT/gpu_tests.log" || status=1 ;;
+    reference) python3 single_file_inference.py --random-weights --prompt "$PROMPT" --warmup 1 --runs 3 \
+                 --timings-json "$OUT/reference.json" --output "$OUT/reference.png" 2>&1 | tee "$OUT/reference.log" || status=1 ;;
+    optimized) python3 optimized_inference.py --random-weights --prompt "$PROMPT" --no-text-buckets --runs 3 \
+                 --timings-json "$OUT/optimized.json" --output "$OUT/optimized.png" 2>&1 | tee "$OUT/optimized.log" || status=1 ;;
+    bench) configs=${steps[0]}; steps=("${steps[@]:1}")
+           python3 benchmark.py --random-weights --configs "$configs" --out-dir "$OUT/bench" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+  echo "== $step: $(( $(date +%s) - start ))s"
+done
+for f in "$OUT"/reference.json "$OUT"/optimized.json; do
+  [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], *(f'{k}={d[k][\"median\"]:.3f}s' for k in ('text_encoders','denoiser','vae','end_to_end')), f'warmup={d[\"warmup_s\"]:.1f}s peak={d.get(\"peak_mem_GiB\",0):.1f}GiB')" "$f"
+done
+exit $status
