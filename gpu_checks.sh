@@ -21,7 +21,7 @@ while [ ${#steps[@]} -gt 0 ]; do
     reference) python3 single_file_inference.py --random-weights --prompt "$PROMPT" --warmup 1 --runs 3 \
                  --timings-json "$OUT/reference.json" --output "$OUT/reference.png" 2>&1 | tee "$OUT/reference.log" || status=1 ;;
     optimized) python3 optimized_inference.py --random-weights --prompt "$PROMPT" --no-text-buckets --runs 3 \
-                 --timings-json "$OUT/optimized.json" --output "$OUT/optimized.png" 2>&1 | tee "$OUT/optimized.log" || status=1 ;;
+                 --timings-json "$OUT/optimized.json" --output "$OUT/optimized.png" --profile "$OUT/profile.json" 2>&1 | tee "$OUT/optimized.log" || status=1 ;;
     bench) configs=${steps[0]}; steps=("${steps[@]:1}")
            python3 benchmark.py --random-weights --configs "$configs" --out-dir "$OUT/bench" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     *) echo "unknown step $step"; exit 2 ;;

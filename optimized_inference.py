@@ -174,11 +174,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     Computed in the tables' dtype: with bf16 tables no float32 copy of q/k is made (compiled, the arithmetic still
     runs in float32 registers inside one fused kernel; only what is stored is bf16).
     """
-    xr = x.to(cos.dtype)
-    x0, x1 = xr.unflatten(-1, (-1, 2)).unbind(-1)
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([-x1, x0], dim=-1).flatten(-2)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    return (xr * cos + rotated * sin).to(x.dtype)
+    return (x.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).to(x.dtype)
 
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "sdpa", "fa2", "fa3")
@@ -839,7 +838,10 @@ class CUDAGraphStep:
             self.out = fn(*tree_unflatten(self.static, self.spec))
 
     def __call__(self, *args):
-        for dst, src in zip(self.static, tree_flatten(args)[0], strict=True):
+        flat, spec = tree_flatten(args)
+        if spec != self.spec:
+            raise ValueError(f"inputs do not match the captured graph's: {spec} vs {self.spec}")
+        for dst, src in zip(self.static, flat, strict=True):
             if isinstance(src, torch.Tensor) and src is not dst:
                 dst.copy_(src)
         self.graph.replay()
@@ -883,7 +885,7 @@ def denoise(pipe: Pipeline, noise: torch.Tensor, txt, pooled, sigmas: torch.Tens
         guidance_all = None if guidance is None else torch.full((steps * b,), guidance, device=x.device)
         cond = model.condition(txt, txt_ids, img_ids, timesteps.repeat_interleave(b), guidance_all,
                                pooled.repeat(steps, 1))
-        mods = cond.pop("mods").view(steps, b, -1)
+        mods = cond["mods"].view(steps, b, -1)
         conds = [{**cond, "mods": mods[i]} for i in range(steps)]
     else:
         guidance_vec = None if guidance is None else torch.full((b,), guidance, device=x.device)
@@ -982,6 +984,39 @@ def timed_runs(pipe: Pipeline, req: Request, warmup: int, runs: int):
     return images, per_run, warmup_s
 
 
+def profile_run(pipe: Pipeline, req: Request, path: str) -> dict:
+    """One more run under torch.profiler: GPU kernel time per denoising step by kind, and the top kernels.
+
+    Writes a Chrome trace next to `path` (open it in Perfetto) and the breakdown as JSON to `path`.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate(pipe, req, Timer(pipe.device))
+        sync(pipe.device)
+    prof.export_chrome_trace(os.path.splitext(path)[0] + ".trace.json")
+    kinds = {"gemm": ("gemm", "nvjet", "cutlass", "xmma", "splitk"),
+             "attention": ("attention", "fmha", "flash", "sdpa"), "triton": ("triton",)}
+    per_kind, top = dict.fromkeys([*kinds, "other"], 0.0), []
+    for e in prof.key_averages():
+        ms = e.self_device_time_total / 1000
+        if ms <= 0 or e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.key.lower()
+        kind = next((k for k, words in kinds.items() if any(w in name for w in words)), "other")
+        per_kind[kind] += ms / req.steps
+        top.append((round(ms / req.steps, 3), e.count // req.steps, e.key[:100]))
+    top.sort(reverse=True)
+    report = {"ms_per_step_by_kind (includes text encoders and VAE, spread over steps)": per_kind,
+              "top_kernels (ms per step, calls per step, name)": top[:25]}
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print("GPU ms per step by kind:", {k: round(v, 2) for k, v in per_kind.items()})
+    for ms, calls, name in top[:12]:
+        print(f"  {ms:8.3f} ms x{calls:<4} {name}")
+    return report
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -1024,6 +1059,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones (compile, capture)")
     p.add_argument("--runs", type=int, default=1, help="timed runs; medians are printed")
     p.add_argument("--timings-json", default=None, help="write per-run timings and medians here")
+    p.add_argument("--profile", default=None, metavar="JSON", help="profile one extra run; kernel breakdown here")
     o = p.add_argument_group("optimizations (each on by default; --no-... switches one off)")
     for name, help_text in [
         ("bf16-rope", "RoPE tables and rotation in the model dtype instead of float32"),
@@ -1061,7 +1097,7 @@ def check_args(args) -> None:
         raise UserError("--warmup must be >= 0 and --runs >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} but CUDA is not available")
-    for path in (args.output, args.timings_json):
+    for path in (args.output, args.timings_json, args.profile):
         if path is not None:
             folder = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
@@ -1101,6 +1137,8 @@ def main(argv=None) -> int:
                       cfg.default_guidance if args.guidance is None else args.guidance,
                       args.seed, args.max_sequence_length or cfg.max_sequence_length)
         images, per_run, warmup_s = timed_runs(pipe, req, args.warmup, args.runs)
+        if args.profile:
+            profile_run(pipe, req, args.profile)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

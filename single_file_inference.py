@@ -138,10 +138,10 @@ def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[torc
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x0, x1) of x [B, S, H, D] by the angles behind cos/sin [S, D], in float32."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([-x1, x0], dim=-1).flatten(-2)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
