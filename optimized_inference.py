@@ -552,8 +552,11 @@ def resolve_model_dir(model: str) -> str:
 
 
 def read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from e
 
 
 def transformer_state_dict(directory: str, device) -> dict[str, torch.Tensor]:
@@ -1099,6 +1102,8 @@ def check_args(args) -> None:
         raise UserError(f"--device {args.device} but CUDA is not available")
     for path in (args.output, args.timings_json, args.profile):
         if path is not None:
+            if os.path.isdir(path):
+                raise UserError(f"cannot write {path}: it is a directory")
             folder = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
                 raise UserError(f"cannot write {path}: {folder} is not a writable directory")
@@ -1116,8 +1121,13 @@ def save_png(image: np.ndarray, path: str, metadata: dict) -> None:
     for key, value in metadata.items():
         info.add_text(key, str(value))
     tmp = path + ".tmp"
-    Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path}: {e}") from e
 
 
 def main(argv=None) -> int:
@@ -1139,25 +1149,25 @@ def main(argv=None) -> int:
         images, per_run, warmup_s = timed_runs(pipe, req, args.warmup, args.runs)
         if args.profile:
             profile_run(pipe, req, args.profile)
+        summary = summarize(per_run, warmup_s, pipe.device)
+        for key in ("text_encoders", "denoiser", "vae"):
+            print(f"{key} time: {summary[key]['median']:.3f}s")
+        print(f"end-to-end time: {summary['end_to_end']['median']:.3f}s")
+        stem, ext = os.path.splitext(args.output)
+        for i, image in enumerate(images):
+            path = args.output if len(images) == 1 else f"{stem}-{i}{ext}"
+            save_png(image, path, {
+                "prompt": args.prompt, "prompt_2": args.prompt_2 or args.prompt, "seed": req.seed, "batch_index": i,
+                "steps": req.steps, "guidance": req.guidance, "size": f"{req.width}x{req.height}",
+                "model": pipe.model_name, "random_weights": args.random_weights,
+            })
+            print(f"saved {path}")
+        if args.timings_json:
+            with open(args.timings_json, "w") as f:
+                json.dump({"script": os.path.basename(__file__), "args": vars(args), **summary}, f, indent=1)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = summarize(per_run, warmup_s, pipe.device)
-    for key in ("text_encoders", "denoiser", "vae"):
-        print(f"{key} time: {summary[key]['median']:.3f}s")
-    print(f"end-to-end time: {summary['end_to_end']['median']:.3f}s")
-    stem, ext = os.path.splitext(args.output)
-    for i, image in enumerate(images):
-        path = args.output if len(images) == 1 else f"{stem}-{i}{ext}"
-        save_png(image, path, {
-            "prompt": args.prompt, "prompt_2": args.prompt_2 or args.prompt, "seed": req.seed, "batch_index": i,
-            "steps": req.steps, "guidance": req.guidance, "size": f"{req.width}x{req.height}",
-            "model": pipe.model_name, "random_weights": args.random_weights,
-        })
-        print(f"saved {path}")
-    if args.timings_json:
-        with open(args.timings_json, "w") as f:
-            json.dump({"script": os.path.basename(__file__), "args": vars(args), **summary}, f, indent=1)
     return 0
 
 

@@ -1,0 +1,83 @@
+"""benchmark.py: the FLOP model, the ladder's flags, a smoke run of real rows and a failing row."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+import benchmark
+
+SMOKE_CONFIGS = ["reference", "opt-bf16", "opt+attention", "diffusers-eager"]
+
+
+def test_flop_per_step_at_1024_and_512_text_tokens():
+    linear, attention = benchmark.flop_per_step(1024, 1024, 512)
+    assert linear == pytest.approx(5.95e13, rel=0.01)
+    assert attention == pytest.approx(1.49e13, rel=0.01)
+    assert benchmark.flop_per_step(1024, 1024, 512, batch=2) == (2 * linear, 2 * attention)
+
+
+def test_ladder_adds_one_optimization_per_rung():
+    everything_off = {"--no-fused-qkv", "--no-euler-in-graph", "--no-precompute", "--no-compile", "--no-cuda-graphs",
+                      "--attention", "sdpa", "--no-text-buckets", "--no-channels-last-vae"}
+    assert set(benchmark.ROWS["opt-bf16"].flags) == everything_off
+    assert set(benchmark.ROWS["opt+compile"].flags) == {"--no-cuda-graphs", "--attention", "sdpa", "--no-text-buckets"}
+    assert benchmark.ROWS["opt+attention"].flags == ("--no-text-buckets",)
+    assert benchmark.ROWS["opt-text256"] == benchmark.Row("optimized_inference.py", ("--no-text-buckets",), 256)
+
+
+def test_without_a_model_the_weights_are_random_and_every_report_says_so():
+    args = benchmark.parse_args([])
+    assert args.random_weights and args.model == benchmark.DEFAULT_MODEL
+    assert args.configs == list(benchmark.ROWS)
+    assert "random weights" in benchmark.report_title(args, "NVIDIA H100 80GB HBM3")
+
+
+def test_smoke_run_reports_every_row(tiny_pipeline_dir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, benchmark.__file__, "--smoke", "--model", tiny_pipeline_dir,
+         "--configs", ",".join(SMOKE_CONFIGS), "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for i, name in enumerate(SMOKE_CONFIGS, 1):
+        assert f"[{i}/{len(SMOKE_CONFIGS)}] {name}" in proc.stdout  # a progress line per row
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [row["config"] for row in results["rows"]] == SMOKE_CONFIGS
+    assert results["roofline"] is None  # --smoke runs on the CPU: nothing to measure a roofline on
+    assert all(results["environment"][key] for key in ("torch", "diffusers", "transformers", "date", "command"))
+    for row in results["rows"]:
+        assert row["status"] == "ok" and row["error"] is None, row
+        for stage in benchmark.STAGES:
+            stats = row[stage]
+            assert 0 < stats["min"] <= stats["median"] <= stats["max"] < math.inf
+        assert len(row["runs"]) == 2
+        for key in ("warmup_s", "achieved_tflops", "images_per_hour", "cost_per_1000_images"):
+            assert math.isfinite(row[key]) and row[key] >= 0, key
+        # GPU-only numbers stay empty on the CPU.
+        assert row["peak_mem_GiB"] is None and row["roofline_pct"] is None
+        assert (tmp_path / f"{row['config']}.log").stat().st_size > 0
+
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in SMOKE_CONFIGS)
+    assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_failing_row_is_reported_and_the_others_still_run(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
+    # A row whose process fails at once: the optimized script rejects a flag it does not know.
+    monkeypatch.setitem(benchmark.ROWS, "broken", benchmark.Row("optimized_inference.py", ("--no-such-flag",)))
+    status = benchmark.main(["--smoke", "--model", tiny_pipeline_dir, "--configs", "broken,reference",
+                             "--out-dir", str(tmp_path)])
+    assert status == 1
+    assert "FAILED" in capsys.readouterr().out
+
+    broken, reference = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert broken["status"] == "failed"
+    assert broken["error"].endswith("unrecognized arguments: --no-such-flag")
+    assert broken["denoiser"] is None and broken["images_per_hour"] is None
+    assert reference["status"] == "ok" and reference["denoiser"]["median"] > 0
+    assert "| broken | failed: " in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").stat().st_size > 0

@@ -1,0 +1,477 @@
+"""The optimized implementation (optimized_inference.py) against the reference, one optimization at a time.
+
+On CPU torch.compile and CUDA graphs are switched off (with a notice); everything else is checked here.
+"""
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, FluxPipeline
+from PIL import Image
+from transformers import T5TokenizerFast
+
+import optimized_inference as oi
+import single_file_inference as sfi
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "A photo of a cat sitting on a red chair in the warm morning light"
+HEIGHT, WIDTH, STEPS, GUIDANCE, SEED, MAX_SEQ = 40, 56, 3, 3.5, 7, 48
+
+TINY = dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=32, pooled_projection_dim=24, axes_dims_rope=(4, 6, 6),
+            scheduler=sfi.FLUX_DEV_SCHEDULER)
+N_FUSED = 2 * TINY["num_layers"] + TINY["num_single_layers"]  # to_qkv + to_added_qkv per double, to_qkv_mlp per single
+
+# All on (as far as a CPU allows), each one off, all off.
+CPU_BASE = oi.Options(attention="sdpa", compile=False, cuda_graphs=False)
+TOGGLES = [f.name for f in dataclasses.fields(oi.Options)
+           if f.default is True and f.name not in ("compile", "cuda_graphs")]
+VARIANTS = {"all-on": CPU_BASE,
+            **{f"no-{name}": dataclasses.replace(CPU_BASE, **{name: False}) for name in TOGGLES},
+            "all-off": dataclasses.replace(CPU_BASE, **{name: False for name in TOGGLES})}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_variants_cover_every_optimization():
+    assert set(TOGGLES) >= {"bf16_rope", "fused_qkv", "euler_in_graph", "precompute", "text_buckets",
+                            "channels_last_vae"}
+    assert len(VARIANTS) == len(TOGGLES) + 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models: a reference Flux with random weights and strong modulation, and the optimized Flux loaded from it
+# ----------------------------------------------------------------------------------------------------------------------
+def make_reference(guidance_embeds: bool) -> sfi.Flux:
+    cfg = sfi.FluxConfig(**TINY, guidance_embeds=guidance_embeds)
+    with torch.device("meta"):
+        ref = sfi.Flux(cfg)
+    ref = sfi.init_random_(ref.to_empty(device="cpu"), seed=3)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for module in ref.modules():
+            if isinstance(module, sfi.AdaNorm):  # undo init_random_'s damping: modulations of order 1
+                module.linear.weight.mul_(10)
+            elif isinstance(module, sfi.QKNorm):  # init_random_ leaves them at exactly 1
+                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=gen))
+    for name, p in ref.named_parameters():
+        assert torch.isfinite(p).all(), name
+    return ref.eval()
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["dev", "schnell"])
+def reference(request):
+    return make_reference(request.param)
+
+
+def make_optimized(ref: sfi.Flux, opts: oi.Options) -> oi.Flux:
+    cfg = oi.FluxConfig(**TINY, guidance_embeds=ref.cfg.guidance_embeds)
+    with torch.device("meta"):
+        model = oi.Flux(cfg, opts)
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    if opts.fused_qkv:
+        state = oi.fuse_projections(state)
+    oi.load_weights_strict(model, state, torch.float32)
+    return model.eval()
+
+
+def make_inputs(guidance_embeds: bool, batch=2, h=6, w=10, txt_len=7, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, (h // 2) * (w // 2), 16, generator=gen)
+    cond = dict(txt=torch.randn(batch, txt_len, 32, generator=gen), txt_ids=torch.zeros(txt_len, 3),
+                img_ids=sfi.image_ids(h, w, "cpu"), timestep=torch.rand(batch, generator=gen) * 0.98 + 0.01,
+                guidance=torch.full((batch,), 3.5) if guidance_embeds else None,
+                pooled=torch.randn(batch, 24, generator=gen))
+    return x, cond
+
+
+def reference_velocity(ref, x, c):
+    with torch.no_grad():
+        return ref(x, c["img_ids"], c["txt"], c["txt_ids"], c["timestep"], c["guidance"], c["pooled"])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_velocity_matches_reference(variant, reference):
+    opts = VARIANTS[variant]
+    model = make_optimized(reference, opts)
+    x, cond = make_inputs(reference.cfg.guidance_embeds)
+    expected = reference_velocity(reference, x, cond)
+    with torch.no_grad():
+        actual = oi.velocity(model, x, dict(cond))
+    assert expected.std() > 0.1
+    assert rel_err(actual, expected) < 1e-5
+    # Sensitivity: the modulation reaches the output strongly enough that another timestep is far off.
+    other = dict(cond, timestep=cond["timestep"].flip(0))
+    assert rel_err(reference_velocity(reference, x, other), expected) > 1e-2
+
+
+@pytest.mark.parametrize("variant", ["all-on", "no-fused_qkv", "no-bf16_rope"])
+def test_precomputed_conditioning_matches_per_step(variant, reference):
+    """condition() for all steps at once, rows step-major as denoise() builds them, sliced per step."""
+    model = make_optimized(reference, VARIANTS[variant])
+    x, cond = make_inputs(reference.cfg.guidance_embeds)
+    batch, steps = x.shape[0], 3
+    timesteps = torch.tensor([0.93, 0.61, 0.27])
+    guidance_all = None if cond["guidance"] is None else torch.full((steps * batch,), 3.5)
+    with torch.no_grad():
+        pre = model.condition(cond["txt"], cond["txt_ids"], cond["img_ids"], timesteps.repeat_interleave(batch),
+                              guidance_all, cond["pooled"].repeat(steps, 1))
+        mods = pre.pop("mods").view(steps, batch, -1)
+        outs = []
+        for i in range(steps):
+            per_step = dict(cond, timestep=timesteps[i].expand(batch))
+            actual = oi.velocity(model, x, {**pre, "mods": mods[i]})
+            assert rel_err(actual, oi.velocity(model, x, dict(per_step))) < 1e-5
+            assert rel_err(actual, reference_velocity(reference, x, per_step)) < 1e-5
+            outs.append(actual)
+    assert rel_err(outs[0], outs[2]) > 1e-2  # the steps really differ
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fuse_projections
+# ----------------------------------------------------------------------------------------------------------------------
+UNFUSED = ("attn.to_q.", "attn.to_k.", "attn.to_v.", "attn.add_q_proj.", "attn.add_k_proj.", "attn.add_v_proj.",
+           "proj_mlp.")
+
+
+def test_fuse_projections_splits_back_exactly():
+    ref = make_reference(True)
+    original = {k: v.clone() for k, v in ref.state_dict().items()}
+    fused = oi.fuse_projections({k: v.clone() for k, v in original.items()})
+    dim, hidden = ref.cfg.hidden_size, int(ref.cfg.hidden_size * ref.cfg.mlp_ratio)
+    for i in range(TINY["num_layers"]):
+        p = f"transformer_blocks.{i}"
+        for fused_name, parts in [("attn.to_qkv", ["attn.to_q", "attn.to_k", "attn.to_v"]),
+                                  ("attn.to_added_qkv", ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"])]:
+            for kind in ("weight", "bias"):
+                pieces = fused[f"{p}.{fused_name}.{kind}"].split(dim)
+                assert len(pieces) == 3
+                for piece, part in zip(pieces, parts):
+                    assert torch.equal(piece, original[f"{p}.{part}.{kind}"]), (p, part, kind)
+    for i in range(TINY["num_single_layers"]):
+        p = f"single_transformer_blocks.{i}"
+        for kind in ("weight", "bias"):
+            pieces = fused[f"{p}.to_qkv_mlp.{kind}"].split([dim, dim, dim, hidden])
+            for piece, part in zip(pieces, ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]):
+                assert torch.equal(piece, original[f"{p}.{part}.{kind}"]), (p, part, kind)
+    assert not [k for k in fused if any(u in k for u in UNFUSED)]
+    # Everything else passes through untouched.
+    for key, value in original.items():
+        if not any(u in key for u in UNFUSED):
+            assert torch.equal(fused[key], value), key
+    assert len(fused) == len(original) - 2 * (4 * TINY["num_layers"] + 3 * TINY["num_single_layers"])
+
+
+def test_fused_model_has_only_fused_projections():
+    model = make_optimized(make_reference(True), CPU_BASE)
+    names = dict(model.named_modules())
+    fused = [n for n, m in names.items() if isinstance(m, torch.nn.Linear)
+             and n.rsplit(".", 1)[-1] in ("to_qkv", "to_added_qkv", "to_qkv_mlp")]
+    assert len(fused) == N_FUSED
+    assert not [n for n in names if any((n + ".").endswith(u) for u in UNFUSED)]
+    unfused = make_optimized(make_reference(True), dataclasses.replace(CPU_BASE, fused_qkv=False))
+    assert not [n for n, _ in unfused.named_modules() if n.endswith(("to_qkv", "to_added_qkv", "to_qkv_mlp"))]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The sampler: optimized denoise (in-graph Euler, precomputed conditioning) vs the reference loop
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("precompute", [True, False], ids=["precompute", "no-precompute"])
+@pytest.mark.parametrize("euler_in_graph", [True, False], ids=["euler-in-graph", "no-euler-in-graph"])
+def test_denoise_matches_reference_loop(euler_in_graph, precompute, reference, capsys):
+    opts = dataclasses.replace(CPU_BASE, euler_in_graph=euler_in_graph, precompute=precompute)
+    model = make_optimized(reference, opts)
+    pipe = oi.Pipeline(cfg=model.cfg, transformer=model, clip=None, t5=None, clip_tokenizer=None, t5_tokenizer=None,
+                       vae=None, model_name="tiny", device=torch.device("cpu"), dtype=torch.float32, opts=opts)
+    gen = torch.Generator().manual_seed(6)
+    batch, h, w = 2, 6, 10
+    noise = torch.randn(batch, 4, h, w, generator=gen)
+    txt, pooled = torch.randn(batch, 7, 32, generator=gen), torch.randn(batch, 24, generator=gen)
+    sigmas = sfi.flow_match_sigmas(3, (h // 2) * (w // 2), sfi.FLUX_DEV_SCHEDULER)
+    guidance = GUIDANCE if reference.cfg.guidance_embeds else None
+
+    expected = sfi.denoise(reference, noise, txt, pooled, sigmas, guidance)
+    actual = oi.denoise(pipe, noise, txt, pooled, sigmas, guidance)
+    assert actual.shape == expected.shape == noise.shape
+    assert rel_err(actual, expected) < 1e-5
+    assert rel_err(expected, noise) > 0.1  # the three steps moved the latents
+    # One step fewer is far off: the comparison resolves single steps.
+    assert rel_err(sfi.denoise(reference, noise, txt, pooled, sigmas[1:], guidance), expected) > 1e-3
+    assert len(pipe.steps) == 1  # one step function per shape, reused for all steps
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The CLI end to end on the tiny pipeline
+# ----------------------------------------------------------------------------------------------------------------------
+def cli_args(model_dir: str, output: str, *extra: str) -> list[str]:
+    return ["--prompt", PROMPT, "--model", model_dir, "--device", "cpu", "--dtype", "float32",
+            "--height", str(HEIGHT), "--width", str(WIDTH), "--steps", str(STEPS), "--guidance", str(GUIDANCE),
+            "--max-sequence-length", str(MAX_SEQ), "--seed", str(SEED), "--output", output, *extra]
+
+
+def read_png(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def recording(module, decoded: list):
+    """`module.decode`, recording the latents it is handed (compared far more tightly than 8-bit pixels)."""
+    real_decode = module.decode
+
+    def decode(vae, latents, *args):
+        decoded.append(latents.clone())
+        return real_decode(vae, latents, *args)
+
+    return decode
+
+
+@pytest.fixture(scope="module")
+def reference_images(tiny_pipeline_dir, tmp_path_factory):
+    """The reference CLI's image and final latents, and diffusers FluxPipeline's image, for the same request."""
+    out = tmp_path_factory.mktemp("reference") / "ref.png"
+    decoded = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sfi, "decode", recording(sfi, decoded))
+        assert sfi.main(cli_args(tiny_pipeline_dir, str(out))) == 0
+    pipe = FluxPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                 max_sequence_length=MAX_SEQ, generator=torch.Generator("cpu").manual_seed(SEED),
+                 output_type="np").images[0]
+    (latents,) = decoded
+    return read_png(out), (image * 255).round().astype(np.uint8), latents
+
+
+ALL_OFF_FLAGS = [f"--no-{name.replace('_', '-')}" for name in TOGGLES]
+
+
+@pytest.mark.parametrize("flags", [["--no-text-buckets"], ALL_OFF_FLAGS], ids=["all-on", "all-off"])
+def test_cli_matches_reference_and_diffusers(flags, tiny_pipeline_dir, reference_images, tmp_path, capsys,
+                                            monkeypatch):
+    reference_png, diffusers_png, reference_latents = reference_images
+    capsys.readouterr()
+    decoded = []
+    monkeypatch.setattr(oi, "decode", recording(oi, decoded))
+    out = tmp_path / "opt.png"
+    assert oi.main(cli_args(tiny_pipeline_dir, str(out), *flags)) == 0
+    stdout = capsys.readouterr().out
+    ours = read_png(out)
+    assert ours.std() > 10
+    assert max_pixel_diff(ours, reference_png) <= 2
+    assert max_pixel_diff(ours, diffusers_png) <= 2
+    assert len(decoded) == 2  # the warm-up run and the timed run
+    for latents in decoded:
+        assert rel_err(latents, reference_latents) < 1e-5
+
+    assert "note: no CUDA device: torch.compile and CUDA graphs are off" in stdout
+    evidence = [line for line in stdout.splitlines() if line.startswith("optimizations:")]
+    assert len(evidence) == 1, stdout
+    all_on = flags == ["--no-text-buckets"]
+    assert f"fused projections={N_FUSED if all_on else 0}," in evidence[0]
+    for part in ("rope=float32", f"euler-in-graph={all_on}", f"precompute={all_on}", "compile=False",
+                 "cuda-graphs=False", "attention=sdpa", "text-buckets=False", f"channels-last-vae={all_on}"):
+        assert part in evidence[0], evidence[0]
+    for component in ("text_encoders", "denoiser", "vae"):
+        assert re.search(rf"^{component} time: \d+\.\d{{3}}s$", stdout, re.MULTILINE), stdout
+    with Image.open(out) as im:
+        assert im.text["prompt"] == PROMPT and im.text["seed"] == str(SEED) and im.text["size"] == "56x40"
+
+
+def test_cli_evidence_line_reports_bf16_rope(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "bf16.png"
+    assert oi.main(cli_args(tiny_pipeline_dir, str(out), "--dtype", "bfloat16", "--warmup", "0")) == 0
+    evidence = [line for line in capsys.readouterr().out.splitlines() if line.startswith("optimizations:")]
+    assert len(evidence) == 1
+    assert f"fused projections={N_FUSED}, rope=bfloat16," in evidence[0]
+    assert read_png(out).std() > 10
+    assert oi.main(cli_args(tiny_pipeline_dir, str(out), "--dtype", "bfloat16", "--warmup", "0",
+                            "--no-bf16-rope")) == 0
+    assert "rope=float32," in capsys.readouterr().out
+
+
+def test_text_buckets_round_t5_length_up_to_128(tiny_pipeline_dir):
+    tok = T5TokenizerFast.from_pretrained(tiny_pipeline_dir, subfolder="tokenizer_2")
+    short = ["a cat on a red chair"]
+    long_prompt = " ".join(["a photo of a cat sitting on a red chair"] * 10)
+    assert 128 < len(tok(long_prompt).input_ids) < 256
+    assert oi.tokenize(tok, short, 512, "T5", oi.TEXT_BUCKET).shape == (1, 128)
+    assert oi.tokenize(tok, short, 48, "T5", oi.TEXT_BUCKET).shape == (1, 48)  # capped at --max-sequence-length
+    assert oi.tokenize(tok, short, 512, "T5", 0).shape == (1, 512)  # --no-text-buckets
+    assert oi.tokenize(tok, [long_prompt], 512, "T5", oi.TEXT_BUCKET).shape == (1, 256)
+    assert oi.tokenize(tok, short + [long_prompt], 512, "T5", oi.TEXT_BUCKET).shape == (2, 256)
+    exactly_128 = " ".join(["a"] * 127)  # 127 pieces and </s>: already a full bucket, not rounded up to 256
+    assert len(tok(exactly_128).input_ids) == 128
+    assert oi.tokenize(tok, [exactly_128], 512, "T5", oi.TEXT_BUCKET).shape == (1, 128)
+    assert oi.tokenize(tok, [exactly_128 + " a"], 512, "T5", oi.TEXT_BUCKET).shape == (1, 256)
+    # The bucketed ids are the unbucketed ids cut short: the same tokens, then padding.
+    bucketed = oi.tokenize(tok, short, 512, "T5", oi.TEXT_BUCKET)
+    assert torch.equal(bucketed, oi.tokenize(tok, short, 512, "T5", 0)[:, :128])
+    n = len(tok(short[0]).input_ids)
+    assert (bucketed[0, n:] == tok.pad_token_id).all() and (bucketed[0, :n] != tok.pad_token_id).all()
+
+
+@pytest.mark.parametrize("text_buckets,expected_len", [(True, 128), (False, 512)])
+def test_encode_prompt_uses_text_buckets(text_buckets, expected_len, tiny_pipeline_dir):
+    opts = dataclasses.replace(CPU_BASE, text_buckets=text_buckets)
+    pipe = oi.load_pipeline(tiny_pipeline_dir, "cpu", torch.float32, opts)
+    txt, pooled = oi.encode_prompt(pipe, ["a cat"], ["a cat"], 512)
+    assert txt.shape == (1, expected_len, 32) and pooled.shape == (1, 32)
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last", "contiguous"])
+def test_decode_matches_reference(channels_last, tiny_pipeline_dir):
+    vae = AutoencoderKL.from_pretrained(tiny_pipeline_dir, subfolder="vae").eval()
+    latents = 2 * torch.randn(2, 4, 10, 14, generator=torch.Generator().manual_seed(8))
+    seen = []  # (input, output) of every vae.decode call
+    real_decode = vae.decode
+
+    def recording_decode(z, return_dict=True):
+        out = real_decode(z, return_dict=return_dict)
+        seen.append((z.clone(), z.is_contiguous(memory_format=torch.channels_last), out[0].clone()))
+        return out
+
+    vae.decode = recording_decode
+    expected = sfi.decode(vae, latents)
+    if channels_last:
+        vae.to(memory_format=torch.channels_last)
+    actual = oi.decode(vae, latents, channels_last)
+    (ref_in, _, ref_out), (opt_in, opt_channels_last, opt_out) = seen
+    assert opt_channels_last == channels_last
+    assert rel_err(opt_in, ref_in) < 1e-6
+    assert rel_err(opt_out, ref_out) < 1e-5
+    assert actual.shape == expected.shape == (2, 40, 56, 3) and actual.dtype == np.uint8
+    assert max_pixel_diff(actual, expected) <= 1 and expected.std() > 10
+
+
+def test_nan_latents_are_an_error(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    def nan_forward(self, img, *args, **kwargs):
+        return torch.full_like(img, float("nan"))
+
+    monkeypatch.setattr(oi.Flux, "forward", nan_forward)
+    assert oi.main(cli_args(tiny_pipeline_dir, str(tmp_path / "nan.png"))) != 0
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err_lines) == 1 and "NaN" in err_lines[0]
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Flags and bad input
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(oi.Options) if f.default is True])
+def test_no_flag_switches_its_option_off(name):
+    parser = oi.build_parser()
+    defaults = parser.parse_args(["--prompt", "x"])
+    args = parser.parse_args(["--prompt", "x", f"--no-{name.replace('_', '-')}"])
+    for f in dataclasses.fields(oi.Options):
+        assert hasattr(args, f.name), f"main builds Options from args: {f.name} must be an argument"
+        if f.default is True:
+            assert getattr(defaults, f.name) is True
+            assert getattr(args, f.name) is (f.name != name), f.name
+    assert (args.attention, args.inductor_tuning) == ("auto", False)
+
+
+def test_attention_choices_and_inductor_tuning_flag():
+    parser = oi.build_parser()
+    for backend in ("auto", "cudnn", "flash", "sdpa", "fa2", "fa3"):
+        assert parser.parse_args(["--prompt", "x", "--attention", backend]).attention == backend
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--prompt", "x", "--attention", "xformers"])
+    assert parser.parse_args(["--prompt", "x", "--inductor-tuning"]).inductor_tuning is True
+
+
+def test_attention_resolves_to_sdpa_on_cpu(capsys):
+    opts = oi.effective_options(oi.Options(), torch.device("cpu"))
+    assert (opts.attention, opts.compile, opts.cuda_graphs) == ("sdpa", False, False)
+    assert "note: no CUDA device" in capsys.readouterr().out
+    for backend in ("cudnn", "flash", "fa2", "fa3"):
+        with pytest.raises(oi.UserError, match=backend):
+            oi.effective_options(oi.Options(attention=backend), torch.device("cpu"))
+
+
+def run_script(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "optimized_inference.py", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def broken_model_dirs(tiny_pipeline_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("broken_models")
+    no_vae = shutil.copytree(tiny_pipeline_dir, root / "incomplete")  # a name that does not contain "vae"
+    shutil.rmtree(no_vae / "vae")
+    no_config = shutil.copytree(tiny_pipeline_dir, root / "no_transformer_config")
+    os.remove(no_config / "transformer" / "config.json")
+    return {"no_vae": str(no_vae), "no_transformer_config": str(no_config)}
+
+
+BAD_INPUT = {
+    "attention-cudnn-on-cpu": (["--attention", "cudnn"], ["--attention cudnn", "CUDA"]),
+    "attention-fa3-on-cpu": (["--attention", "fa3"], ["--attention fa3", "CUDA"]),
+    "inductor-tuning-without-compile": (["--inductor-tuning", "--no-compile"], ["--inductor-tuning"]),
+    "steps-zero": (["--steps", "0"], ["--steps"]),
+    "height-not-multiple-of-8": (["--height", "44"], ["multiples of 8", "44"]),
+    "width-zero": (["--width", "0"], ["--height/--width"]),
+    "model-does-not-exist": (["--model", "{tmp}/does_not_exist"], ["does_not_exist"]),
+    "model-missing-vae": (["--model", "{no_vae}"], ["vae"]),
+    "guidance-negative": (["--guidance", "-2"], ["--guidance"]),
+    "prompt-empty": (["--prompt", ""], ["--prompt"]),
+    "output-in-missing-directory": (["--output", "{tmp}/no/such/dir/out.png"], ["no/such/dir"]),
+}
+
+
+def check_bad_input(extra, needles, tiny_dir, broken, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = cli_args(tiny_dir, str(out_dir / "out.png"))
+    fill = lambda s: s.replace("{tmp}", str(tmp_path)).replace("{out}", str(out_dir)).format(**broken)
+    extra, needles = [fill(a) for a in extra], [fill(n) for n in needles]
+    i = 0
+    while i < len(extra):  # override a flag's good value, or add the flag (with its value if it takes one)
+        flag = extra[i]
+        takes_value = i + 1 < len(extra) and not extra[i + 1].startswith("--")
+        if flag in args and takes_value:
+            args[args.index(flag) + 1] = extra[i + 1]
+        else:
+            args += extra[i:i + 1 + takes_value]
+        i += 1 + takes_value
+    proc = run_script(args)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error:"), proc.stderr
+    assert sum(line.startswith("error:") for line in lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+    assert os.listdir(out_dir) == []
+    assert not os.path.exists(str(out_dir) + ".tmp")
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT), ids=list(BAD_INPUT))
+def test_bad_input_is_one_line_error(case, tiny_pipeline_dir, broken_model_dirs, tmp_path):
+    check_bad_input(*BAD_INPUT[case], tiny_pipeline_dir, broken_model_dirs, tmp_path)
+
+
+@pytest.mark.xfail(strict=True, reason="output path that is an existing directory: IsADirectoryError traceback from "
+                   "save_png's os.replace after the whole run, exit status 1, and OUTPUT.tmp left behind")
+def test_bad_input_output_is_a_directory(tiny_pipeline_dir, broken_model_dirs, tmp_path):
+    check_bad_input(["--output", "{out}"], ["{out}"], tiny_pipeline_dir, broken_model_dirs, tmp_path)
+
+
+@pytest.mark.xfail(strict=True, reason="model dir whose transformer/config.json is missing: FileNotFoundError "
+                   "traceback from read_json in load_pipeline instead of a one-line error")
+def test_bad_input_model_missing_transformer_config(tiny_pipeline_dir, broken_model_dirs, tmp_path):
+    check_bad_input(["--model", "{no_transformer_config}"], ["config.json"], tiny_pipeline_dir, broken_model_dirs,
+                    tmp_path)
