@@ -21,7 +21,7 @@ Rows (--configs takes a comma-separated list; all of them by default, in this or
 Wall time per row on an H100 at the defaults: about 1 minute for an eager row (building the model, a warm-up and
 three runs); the compiled rows (diffusers-compile, diffusers-fused-cudnn-compile, opt+compile and every opt row
 after it) add 2.5-4 minutes of compilation each, since no row reuses another's cache. All 15 rows take about
-45 minutes; pick rows with --configs for less.
+40 minutes; pick rows with --configs for less.
 
 Before the rows, on a GPU, the roofline is measured in this process: the bf16 matmul rate at FLUX's shapes and
 the attention rate of the cuDNN and flash kernels. Each row then reports its achieved TFLOP/s in the denoiser and
@@ -445,8 +445,10 @@ def markdown(results: dict) -> str:
             error = r["error"].replace("|", "\\|")
             cells = [r["config"], f"failed: {error}", *[""] * (len(COLUMNS) - 2)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Medians of {settings['runs']} runs after {settings['warmup']} warm-up run(s) (warm-up s: all of "
-                  "them, compilation included); every configuration in its own process."]
+    lines += ["", f"Median of {settings['runs']} timed run(s) after {settings['warmup']} warm-up run(s) (warm-up s: "
+                  "all of these, compilation included); every configuration in its own process."]
+    if any(r["text_tokens"] != settings["max_sequence_length"] for r in results["rows"]):
+        lines.append("opt-textN rows run N text tokens.")
     roofline = results["roofline"]
     if roofline:
         attention = ", ".join(f"{k} {v:.0f}" for k, v in roofline["attention_tflops"].items())

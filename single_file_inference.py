@@ -156,9 +156,9 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm of q/k per head; the statistic in float32 so bf16 heads do not lose their scale."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(weight.dtype) * weight
+    """RMSNorm of q/k per head: x / sqrt(mean(x^2) + eps) * weight. torch's op accumulates in float32 and runs as
+    one kernel on the GPU; the same op diffusers uses, so bf16 results match it bit for bit."""
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 def latent_grid(height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:

@@ -429,6 +429,9 @@ BAD_INPUT = {
     "guidance-negative": (["--guidance", "-2"], ["--guidance"]),
     "prompt-empty": (["--prompt", ""], ["--prompt"]),
     "output-in-missing-directory": (["--output", "{tmp}/no/such/dir/out.png"], ["no/such/dir"]),
+    "output-is-a-directory": (["--output", "{out}"], ["{out}"]),
+    "profile-in-missing-directory": (["--profile", "{tmp}/no/such/dir/p.json"], ["no/such/dir"]),
+    "model-missing-transformer-config": (["--model", "{no_transformer_config}"], ["transformer", "config.json"]),
 }
 
 
@@ -462,16 +465,3 @@ def check_bad_input(extra, needles, tiny_dir, broken, tmp_path):
 @pytest.mark.parametrize("case", list(BAD_INPUT), ids=list(BAD_INPUT))
 def test_bad_input_is_one_line_error(case, tiny_pipeline_dir, broken_model_dirs, tmp_path):
     check_bad_input(*BAD_INPUT[case], tiny_pipeline_dir, broken_model_dirs, tmp_path)
-
-
-@pytest.mark.xfail(strict=True, reason="output path that is an existing directory: IsADirectoryError traceback from "
-                   "save_png's os.replace after the whole run, exit status 1, and OUTPUT.tmp left behind")
-def test_bad_input_output_is_a_directory(tiny_pipeline_dir, broken_model_dirs, tmp_path):
-    check_bad_input(["--output", "{out}"], ["{out}"], tiny_pipeline_dir, broken_model_dirs, tmp_path)
-
-
-@pytest.mark.xfail(strict=True, reason="model dir whose transformer/config.json is missing: FileNotFoundError "
-                   "traceback from read_json in load_pipeline instead of a one-line error")
-def test_bad_input_model_missing_transformer_config(tiny_pipeline_dir, broken_model_dirs, tmp_path):
-    check_bad_input(["--model", "{no_transformer_config}"], ["config.json"], tiny_pipeline_dir, broken_model_dirs,
-                    tmp_path)

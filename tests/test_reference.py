@@ -352,11 +352,9 @@ BAD_INPUT = {
                                ["transformer_blocks.1.attn.to_k.weight", "transformer_blocks.1.attn.to_key.weight"]),
     "device-cuda-without-cuda": (["--device", "cuda"], "tiny", ["cuda"]),
     "output-in-missing-directory": (["--output", "{tmp}/no/such/dir/out.png"], "tiny", ["no/such/dir"]),
-}
-XFAIL_BAD_INPUT = {
-    # Found while writing these tests; see the report.
     "output-is-a-directory": (["--output", "{tmp}"], "tiny", ["{tmp}"]),
-    "model-missing-transformer-config": ([], "no_transformer_config", ["config.json"]),
+    "timings-json-in-missing-directory": (["--timings-json", "{tmp}/no/such/dir/t.json"], "tiny", ["no/such/dir"]),
+    "model-missing-transformer-config": ([], "no_transformer_config", ["transformer", "config.json"]),
 }
 
 
@@ -391,18 +389,33 @@ def test_bad_input_is_one_line_error(case, tiny_pipeline_dir, broken_model_dirs,
     check_bad_input("single_file_inference.py", BAD_INPUT[case], tiny_pipeline_dir, broken_model_dirs, tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="output path that is an existing directory: IsADirectoryError traceback from "
-                   "save_png's os.replace after the whole run, exit status 1, and OUTPUT.tmp left behind")
-def test_bad_input_output_is_a_directory(tiny_pipeline_dir, broken_model_dirs, tmp_path):
-    check_bad_input("single_file_inference.py", XFAIL_BAD_INPUT["output-is-a-directory"], tiny_pipeline_dir,
-                    broken_model_dirs, tmp_path)
+def test_failed_save_is_an_error_and_leaves_no_file(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    """A write that fails after the whole run (disk full, say): one error line, and no half-written file."""
+    real_replace = os.replace
+
+    def failing_replace(src, dst, *args, **kwargs):
+        if str(dst).endswith(".png"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    out = tmp_path / "full.png"
+    assert sfi.main(cli_args(tiny_pipeline_dir, str(out))) != 0
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err_lines[-1].startswith("error:") and "No space left on device" in err_lines[-1]
+    assert sum(line.startswith("error:") for line in err_lines) == 1
+    assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=True, reason="model dir whose transformer/config.json is missing: FileNotFoundError "
-                   "traceback from read_json in load_pipeline instead of a one-line error")
-def test_bad_input_model_missing_transformer_config(tiny_pipeline_dir, broken_model_dirs, tmp_path):
-    check_bad_input("single_file_inference.py", XFAIL_BAD_INPUT["model-missing-transformer-config"],
-                    tiny_pipeline_dir, broken_model_dirs, tmp_path)
+@pytest.mark.xfail(strict=True, raises=IsADirectoryError,
+                   reason="save_png: when OUTPUT.tmp exists as a directory, PIL's save fails and the cleanup "
+                   "os.remove(tmp) raises IsADirectoryError inside the except block: traceback, not a one-line error")
+def test_save_with_a_directory_in_the_way_of_the_temp_file(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    (tmp_path / "out.png.tmp").mkdir()
+    assert sfi.main(cli_args(tiny_pipeline_dir, str(out))) != 0
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error:")
+    assert not out.exists()
 
 
 def test_long_prompt_is_truncated_with_a_warning(tiny_pipeline_dir, tmp_path, capsys):
