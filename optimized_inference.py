@@ -13,6 +13,8 @@ Same pipeline and CLI as single_file_inference.py, plus these optimizations, eac
   --attention sdpa        the attention kernel: auto picks cuDNN (or FlashAttention-3/2 when installed) on the GPU
   --no-text-buckets       T5 length rounded up to a multiple of 128 instead of always 512
   --no-channels-last-vae  VAE decoder in channels_last (NHWC) layout, which its convolutions run faster in
+and one that is opt-in, because it changes the image a little (--compare-bf16 measures how much):
+  --quantize fp8          the blocks' linear layers in float8 e4m3 (quantize_fp8_)
 
 The pipeline, top to bottom:
   1. encode the prompt twice: CLIP-L gives one pooled vector, T5-XXL gives a sequence of token embeddings;
@@ -29,6 +31,7 @@ transformers and diffusers. `optimized_inference.py` mirrors this file section b
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -39,10 +42,13 @@ import re
 import statistics
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
 from safetensors import safe_open
@@ -136,6 +142,10 @@ class Options:
     text_buckets: bool = True
     channels_last_vae: bool = True
     inductor_tuning: bool = False  # slow to compile: opt-in
+    # Opt-in: changes the numbers, not only the speed (quantize_fp8_).
+    quantize: str = "none"  # "fp8": the blocks' linear layers in float8 e4m3
+    fp8_keep_bf16: int = 0  # this many blocks at each end of the 57 stay bf16
+    compare_bf16: bool = False  # keep the bf16 model too and report fp8's error against it (compare_bf16)
 
 
 class UserError(Exception):
@@ -183,12 +193,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "sdpa", "fa2", "fa3")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa", group=None) -> torch.Tensor:
     """Full (unmasked) attention over the joint text+image sequence: [B, S, H, D] -> [B, S, H*D].
 
     The backend is named, not left to SDPA's heuristics: on H100 cuDNN's kernel runs at ~550 TFLOP/s at FLUX's
-    shapes, FlashAttention-2 inside PyTorch at ~320.
+    shapes, FlashAttention-2 inside PyTorch at ~320. With a process `group` (torchrun) each rank holds only its share
+    of the tokens: see context_parallel_attention.
     """
+    if group is not None:
+        return context_parallel_attention(q, k, v, backend, group)
     if backend in ("fa2", "fa3"):  # FlashAttention packages take [B, S, H, D] as is
         out = FLASH_ATTN_FUNCS[backend](q, k, v)
         return (out[0] if isinstance(out, tuple) else out).flatten(2)
@@ -232,6 +245,30 @@ def resolve_attention(backend: str, device: torch.device) -> str:
     raise UserError(f"--attention {backend} is not available here (FlashAttention needs the flash-attn package)")
 
 
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    """Cut x into N equal pieces along scatter_dim, send piece i to rank i of `group`, and join the N pieces received
+    along gather_dim in rank order. A functional collective: torch.compile traces it and a CUDA graph captures it."""
+    pieces = torch.stack(x.chunk(group.size(), dim=scatter_dim))  # [N, ...]: piece i goes to rank i
+    pieces = funcol.all_to_all_single(pieces, None, None, group)  # [N, ...]: piece i came from rank i
+    return torch.cat(pieces.unbind(0), dim=gather_dim)
+
+
+def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
+                               group) -> torch.Tensor:
+    """attention() over a sequence spread across the N ranks of `group`: q, k, v [B, S/N, H, D] -> [B, S/N, H*D].
+
+    Ulysses-style: an all-to-all trades "all heads of my tokens" for "H/N heads of all tokens", attention runs as on
+    one GPU, and a second all-to-all trades back. Each rank's rows are [its text tokens, its image tokens], RoPE
+    already applied, so the gathered sequence is the single-GPU one permuted. Unmasked attention does not mind: every
+    query still sums over every key, and each output row follows its query back to the rank it came from.
+    """
+    # q, k and v in one collective: fewer, larger messages.
+    qkv = all_to_all(torch.stack([q, k, v]), scatter_dim=3, gather_dim=2, group=group)  # [3, B, S, H/N, D]
+    out = attention(*qkv.unbind(0), backend)  # [B, S, H/N * D]
+    out = all_to_all(out.unflatten(-1, (-1, q.shape[-1])), scatter_dim=1, gather_dim=2, group=group)
+    return out.flatten(2)  # [B, S/N, H*D]
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: normalize without affine weights, then scale and shift per sample from the conditioning vector."""
     return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
@@ -241,6 +278,42 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     """RMSNorm of q/k per head: x / sqrt(mean(x^2) + eps) * weight. torch's op accumulates in float32 and runs as
     one kernel on the GPU; the same op diffusers uses, so bf16 results match it bit for bit."""
     return F.rms_norm(x, weight.shape, weight, eps)
+
+
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: float8 e4m3 has 4 exponent bits, 3 mantissa bits
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (q, scale): float8 e4m3 values and one float32 scale per row [..., 1], with x ~ q * scale.
+
+    Each row is scaled so that its largest magnitude lands on 448, e4m3's largest value; the 3-bit mantissa then
+    rounds every element to within 2^-4 of itself (relative), down to 1/28672 of the row's maximum, where e4m3's
+    subnormals begin. One scale per row (per output channel of a weight, per token of an activation): an outlier
+    costs precision only in its own row. Plain torch ops, so torch.compile fuses them into the kernel producing x.
+    """
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    # x / scale can round to just past 448; a cast out of range saturates or gives NaN, by torch version and device.
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two uint8 images, in dB (inf when identical)."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Structural similarity of two uint8 images [..., H, W, 3] (Wang et al. 2004: 11x11 Gaussian window of sigma
+    1.5, over the window positions inside the image), averaged over positions, channels and images; 1: identical."""
+    x, y = (torch.from_numpy(im).double().reshape(-1, *im.shape[-3:]).permute(0, 3, 1, 2).flatten(0, 1)[:, None]
+            for im in (a, b))  # one [N, 1, H, W] stack of channels
+    g = torch.exp(-((torch.arange(11) - 5) ** 2) / (2 * 1.5**2)).double()
+    window = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
+    mean = lambda t: F.conv2d(t, window)  # noqa: E731  local means under the window
+    mx, my = mean(x), mean(y)
+    vx, vy, cov = mean(x * x) - mx**2, mean(y * y) - my**2, mean(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    return ((2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))).mean().item()
 
 
 def latent_grid(height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:
@@ -361,12 +434,41 @@ class FeedForward(nn.Module):
         return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
 
 
+# fp8 tensor cores sum products in a narrower accumulator than float32; "fast" never promotes the partial sums to
+# float32 inside the kernel (the other mode does, every few products, at some speed).
+FP8_FAST_ACCUM = True
+
+
+class Float8Linear(nn.Module):
+    """An nn.Linear run in float8 e4m3 (--quantize fp8): twice bf16's tensor-core rate on Ada and Hopper GPUs.
+
+    The weight is quantized once, per output channel; each call quantizes its input per token, and one
+    torch._scaled_mm multiplies the e4m3 operands, applies both scales, adds the bias and writes bf16.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight, scale = quantize_fp8(linear.weight.detach())
+        # Stored [out, in] row-major, so weight.t() is the column-major [in, out] operand _scaled_mm requires.
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale.reshape(1, -1))  # [1, out]: one scale per output column
+        self.register_buffer("bias", linear.bias.detach().to(torch.bfloat16))  # the fused bias must be bf16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, scale = quantize_fp8(x.reshape(-1, self.in_features))  # [tokens, in]: _scaled_mm takes 2-D operands
+        out = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.scale, bias=self.bias,
+                               out_dtype=torch.bfloat16, use_fast_accum=FP8_FAST_ACCUM)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
 class DoubleAttention(nn.Module):
     """Joint attention with separate projections for the image stream and the text ("added") stream."""
 
     def __init__(self, dim: int, head_dim: int, opts: Options):
         super().__init__()
         self.head_dim, self.fused, self.backend = head_dim, opts.fused_qkv, opts.attention
+        self.group = None  # the context-parallel process group under torchrun (enable_context_parallel)
         if self.fused:  # filled by fuse_projections() at load time
             self.to_qkv, self.to_added_qkv = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim)
         else:
@@ -389,7 +491,7 @@ class DoubleAttention(nn.Module):
         q = torch.cat([self.norm_added_q(tq), self.norm_q(iq)], dim=1)
         k = torch.cat([self.norm_added_k(tk), self.norm_k(ik)], dim=1)
         v = torch.cat([tv, iv], dim=1)
-        out = attention(apply_rope(q, *pe), apply_rope(k, *pe), v, self.backend)  # [B, L_txt + L_img, hidden]
+        out = attention(apply_rope(q, *pe), apply_rope(k, *pe), v, self.backend, self.group)  # [B, L_txt + L_img, H*D]
         txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)
         return self.to_out[0](img_out), self.to_add_out(txt_out)
 
@@ -420,6 +522,7 @@ class SingleAttention(nn.Module):
     def __init__(self, dim: int, head_dim: int, opts: Options):
         super().__init__()
         self.head_dim, self.backend = head_dim, opts.attention
+        self.group = None  # the context-parallel process group under torchrun (enable_context_parallel)
         if not opts.fused_qkv:
             self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.norm_q, self.norm_k = QKNorm(head_dim), QKNorm(head_dim)
@@ -427,7 +530,7 @@ class SingleAttention(nn.Module):
     def forward(self, q, k, v, pe):
         heads = lambda t: t.unflatten(-1, (-1, self.head_dim))  # noqa: E731
         q, k, v = self.norm_q(heads(q)), self.norm_k(heads(k)), heads(v)
-        return attention(apply_rope(q, *pe), apply_rope(k, *pe), v, self.backend)
+        return attention(apply_rope(q, *pe), apply_rope(k, *pe), v, self.backend, self.group)
 
 
 class SingleStreamBlock(nn.Module):
@@ -531,7 +634,7 @@ def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")
 
 
-def resolve_model_dir(model: str) -> str:
+def resolve_model_dir(model: str, components: tuple[str, ...] = COMPONENTS) -> str:
     """A local diffusers-layout directory as is, or a hub id downloaded (or found in the cache) by huggingface_hub."""
     if os.path.isdir(model):
         path = model
@@ -541,11 +644,12 @@ def resolve_model_dir(model: str) -> str:
         from huggingface_hub import snapshot_download
 
         try:
-            path = snapshot_download(model, allow_patterns=["model_index.json", *(f"{c}/*" for c in COMPONENTS)])
+            path = snapshot_download(model, allow_patterns=["model_index.json", "transformer/config.json",
+                                                            *(f"{c}/*" for c in components)])
         except Exception as e:  # network, auth (FLUX.1-dev is gated) or missing repo
             raise UserError(f"could not get {model!r} from the hub ({type(e).__name__}: {str(e).splitlines()[0]}); "
                             "for FLUX.1-dev accept its license on the hub and log in, or pass a local directory") from e
-    missing = [c for c in ("model_index.json", *COMPONENTS) if not os.path.exists(os.path.join(path, c))]
+    missing = [c for c in ("model_index.json", *components) if not os.path.exists(os.path.join(path, c))]
     if missing:
         raise UserError(f"{path} is missing pipeline components: {', '.join(missing)}")
     return path
@@ -612,6 +716,99 @@ def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
+# Black Forest Labs' original single-file checkpoints (flux1-dev.safetensors) name things differently.
+BFL_RENAMES = [  # (BFL key pattern, diffusers key) — applied to ".weight"/".bias"/".scale" stems
+    (r"img_in", "x_embedder"), (r"txt_in", "context_embedder"),
+    (r"time_in\.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+    (r"time_in\.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+    (r"guidance_in\.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+    (r"guidance_in\.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+    (r"vector_in\.in_layer", "time_text_embed.text_embedder.linear_1"),
+    (r"vector_in\.out_layer", "time_text_embed.text_embedder.linear_2"),
+    (r"double_blocks\.(\d+)\.img_mod\.lin", r"transformer_blocks.\1.norm1.linear"),
+    (r"double_blocks\.(\d+)\.txt_mod\.lin", r"transformer_blocks.\1.norm1_context.linear"),
+    (r"double_blocks\.(\d+)\.img_attn\.norm\.query_norm", r"transformer_blocks.\1.attn.norm_q"),
+    (r"double_blocks\.(\d+)\.img_attn\.norm\.key_norm", r"transformer_blocks.\1.attn.norm_k"),
+    (r"double_blocks\.(\d+)\.txt_attn\.norm\.query_norm", r"transformer_blocks.\1.attn.norm_added_q"),
+    (r"double_blocks\.(\d+)\.txt_attn\.norm\.key_norm", r"transformer_blocks.\1.attn.norm_added_k"),
+    (r"double_blocks\.(\d+)\.img_attn\.proj", r"transformer_blocks.\1.attn.to_out.0"),
+    (r"double_blocks\.(\d+)\.txt_attn\.proj", r"transformer_blocks.\1.attn.to_add_out"),
+    (r"double_blocks\.(\d+)\.img_mlp\.0", r"transformer_blocks.\1.ff.net.0.proj"),
+    (r"double_blocks\.(\d+)\.img_mlp\.2", r"transformer_blocks.\1.ff.net.2"),
+    (r"double_blocks\.(\d+)\.txt_mlp\.0", r"transformer_blocks.\1.ff_context.net.0.proj"),
+    (r"double_blocks\.(\d+)\.txt_mlp\.2", r"transformer_blocks.\1.ff_context.net.2"),
+    (r"single_blocks\.(\d+)\.modulation\.lin", r"single_transformer_blocks.\1.norm.linear"),
+    (r"single_blocks\.(\d+)\.norm\.query_norm", r"single_transformer_blocks.\1.attn.norm_q"),
+    (r"single_blocks\.(\d+)\.norm\.key_norm", r"single_transformer_blocks.\1.attn.norm_k"),
+    (r"single_blocks\.(\d+)\.linear2", r"single_transformer_blocks.\1.proj_out"),
+    (r"final_layer\.linear", "proj_out"), (r"final_layer\.adaLN_modulation\.1", "norm_out.linear"),
+]
+BFL_SPLITS = [  # one BFL matmul -> diffusers' separate ones, in output-row order
+    (r"double_blocks\.(\d+)\.img_attn\.qkv", [r"transformer_blocks.\1.attn.to_" + p for p in "qkv"]),
+    (r"double_blocks\.(\d+)\.txt_attn\.qkv", [r"transformer_blocks.\1.attn.add_" + p + "_proj" for p in "qkv"]),
+    (r"single_blocks\.(\d+)\.linear1", [r"single_transformer_blocks.\1.attn.to_" + p for p in "qkv"]
+     + [r"single_transformer_blocks.\1.proj_mlp"]),
+]
+
+
+def bfl_to_diffusers(state: dict[str, torch.Tensor], hidden: int) -> dict[str, torch.Tensor]:
+    """Rename (and split) a BFL-layout transformer state dict into diffusers' key names; unknown keys are kept as
+    they are, so the strict load names them."""
+    out = {}
+    for key, tensor in state.items():
+        stem, _, kind = key.rpartition(".")
+        kind = "weight" if kind == "scale" else kind  # BFL's RMSNorm calls its weight "scale"
+        for pattern, targets in BFL_SPLITS:
+            if re.fullmatch(pattern, stem):
+                sizes = [hidden] * 3 + ([tensor.shape[0] - 3 * hidden] if len(targets) == 4 else [])
+                for target, part in zip(targets, tensor.split(sizes), strict=True):
+                    out[f"{re.sub(pattern, target, stem)}.{kind}"] = part
+                break
+        else:
+            for pattern, target in BFL_RENAMES:
+                if re.fullmatch(pattern, stem):
+                    if target == "norm_out.linear":  # BFL: (shift, scale); diffusers: (scale, shift)
+                        tensor = torch.cat(tensor.chunk(2)[::-1])
+                    out[f"{re.sub(pattern, target, stem)}.{kind}"] = tensor
+                    break
+            else:
+                out[key] = tensor
+    return out
+
+
+def config_from_bfl(state: dict[str, torch.Tensor], scheduler_config: dict, axes_dims_rope=(16, 56, 56)) -> FluxConfig:
+    """A single-file checkpoint has no config.json: read the sizes off the tensors' shapes (all but the RoPE split
+    of the head dimension, which only a config states; FLUX.1's is the default)."""
+    try:
+        hidden, in_channels = state["img_in.weight"].shape
+        head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+        sizes = dict(
+            in_channels=in_channels, attention_head_dim=head_dim, num_attention_heads=hidden // head_dim,
+            num_layers=len({k.split(".")[1] for k in state if k.startswith("double_blocks.")}),
+            num_single_layers=len({k.split(".")[1] for k in state if k.startswith("single_blocks.")}),
+            joint_attention_dim=state["txt_in.weight"].shape[1],
+            pooled_projection_dim=state["vector_in.in_layer.weight"].shape[1],
+            guidance_embeds="guidance_in.in_layer.weight" in state, axes_dims_rope=axes_dims_rope,
+        )
+    except KeyError as e:
+        raise UserError(f"not a FLUX transformer checkpoint in Black Forest Labs' layout: no {e.args[0]}") from e
+    return config_from_checkpoint(sizes, scheduler_config)
+
+
+def load_bfl_transformer(file: str, scheduler_config: dict, axes_dims_rope, opts: Options, device,
+                         dtype) -> tuple[Flux, FluxConfig]:
+    with safe_open(file, framework="pt", device=str(device)) as f:
+        state = {key: f.get_tensor(key) for key in f.keys()}
+    cfg = config_from_bfl(state, scheduler_config, axes_dims_rope)
+    with torch.device("meta"):
+        model = Flux(cfg, opts)
+    state = bfl_to_diffusers(state, cfg.hidden_size)
+    if opts.fused_qkv:
+        state = fuse_projections(state)
+    load_weights_strict(model, state, dtype)
+    return model.eval(), cfg
+
+
 def load_transformer(directory: str, cfg: FluxConfig, opts: Options, device, dtype) -> Flux:
     with torch.device("meta"):
         model = Flux(cfg, opts)
@@ -620,6 +817,34 @@ def load_transformer(directory: str, cfg: FluxConfig, opts: Options, device, dty
         state = fuse_projections(state)
     load_weights_strict(model, state, dtype)
     return model.eval()
+
+
+@torch.no_grad()
+def quantize_fp8_(model: Flux, keep_bf16: int = 0) -> Flux:
+    """--quantize fp8: every linear layer inside the blocks becomes a Float8Linear, in place, once at load time.
+
+    That is over 99.9% of a step's matmul FLOP; fused projections (to_qkv, to_added_qkv, to_qkv_mlp) are linear
+    layers like the others. Left in bf16: the adaLN projections (with --precompute they run once per request, not
+    per step: fp8 would add error and save nothing), the embedders and the final projection (outside the blocks,
+    tiny), and with `keep_bf16` (--fp8-keep-bf16) that many blocks at each end of the model.
+    """
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    for block in blocks[keep_bf16:len(blocks) - keep_bf16]:
+        adaln = {id(m.linear) for m in block.modules() if isinstance(m, AdaNorm)}
+        for name, module in list(block.named_modules()):
+            if isinstance(module, nn.Linear) and id(module) not in adaln:
+                parent, _, attr = name.rpartition(".")
+                setattr(block.get_submodule(parent), attr, Float8Linear(module))
+    return model
+
+
+def bf16_twin(model: Flux) -> Flux:
+    """A second Flux over the very same weight tensors (no copy): quantizing `model` afterwards leaves it in bf16,
+    for --compare-bf16 at the cost of the fp8 weights only (~12 GB at FLUX.1-dev size)."""
+    with torch.device("meta"):
+        twin = Flux(model.cfg, model.opts)
+    twin.load_state_dict(model.state_dict(), assign=True)
+    return twin.eval().requires_grad_(False)
 
 
 class ByteTokenizer:
@@ -662,11 +887,21 @@ class Pipeline:
     device: torch.device
     dtype: torch.dtype
     opts: Options
-    steps: dict = field(default_factory=dict)  # (latent shape, text shape) -> compiled / graphed step
+    steps: OrderedDict = field(default_factory=OrderedDict)  # (latent, text shape) -> step, least recent first
+    max_steps: int = 8  # --max-graphs
+    build_s: float = 0.0  # time spent compiling and capturing steps so far
+    offload_text_encoders: bool = False
+    bf16_transformer: nn.Module | None = None  # --compare-bf16: the model the fp8 one was quantized from
+    group: dist.ProcessGroup | None = None  # under torchrun: the ranks sharing each image (enable_context_parallel)
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def is_main_rank(self) -> bool:
+        """Rank 0 (or the only process) decodes, prints and writes; the other ranks only help denoise."""
+        return self.group is None or self.group.rank() == 0
 
 
 def load_tokenizers(path: str | None, model: str):
@@ -699,7 +934,8 @@ def default_dtype(dtype):
         torch.set_default_dtype(previous)
 
 
-def load_pipeline(model: str, device, dtype, opts: Options, random_weights: bool = False) -> Pipeline:
+def load_pipeline(model: str, device, dtype, opts: Options, random_weights: bool = False,
+                  text_encoders_from: str | None = None, offload_text_encoders: bool = False) -> Pipeline:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -716,34 +952,79 @@ def load_pipeline(model: str, device, dtype, opts: Options, random_weights: bool
                 t5 = T5EncoderModel(T5Config(**T5_XXL_CONFIG))
                 vae = AutoencoderKL(**FLUX_VAE_CONFIG)
         name = f"{model} (random weights)"
+    elif model.endswith(".safetensors"):  # BFL's single file: everything but the transformer from elsewhere
+        if not os.path.isfile(model):
+            raise UserError(f"--model {model!r} does not exist")
+        if text_encoders_from is None:
+            raise UserError("a single-file transformer checkpoint needs --text-encoders-from (a diffusers-layout "
+                            "directory or hub id for the text encoders, tokenizers, VAE and scheduler)")
+        path = resolve_model_dir(text_encoders_from, tuple(c for c in COMPONENTS if c != "transformer"))
+        scheduler = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+        config = os.path.join(path, "transformer", "config.json")
+        axes = tuple(read_json(config)["axes_dims_rope"]) if os.path.exists(config) else (16, 56, 56)
+        transformer, cfg = load_bfl_transformer(model, scheduler, axes, opts, device, dtype)
+        clip_tok, t5_tok = load_tokenizers(path, text_encoders_from)
+        name = f"{model} + {text_encoders_from}"
     else:
         path = resolve_model_dir(model)
         cfg = config_from_checkpoint(read_json(os.path.join(path, "transformer", "config.json")),
                                      read_json(os.path.join(path, "scheduler", "scheduler_config.json")))
         transformer = load_transformer(os.path.join(path, "transformer"), cfg, opts, device, dtype)
         clip_tok, t5_tok = load_tokenizers(path, model)
+        name = model
+    if not random_weights:
         try:
             clip = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype).to(device)
             t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype).to(device)
             vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype).to(device)
         except (OSError, ValueError) as e:
             raise UserError(f"could not load the text encoders / VAE from {path}: {str(e).splitlines()[0]}") from e
-        name = model
     for m in (clip, t5, vae):
         m.eval().requires_grad_(False)
     transformer.requires_grad_(False)
+    bf16_transformer = bf16_twin(transformer) if opts.compare_bf16 else None
+    if opts.quantize == "fp8":
+        quantize_fp8_(transformer, opts.fp8_keep_bf16)
+    if offload_text_encoders:  # they visit the GPU only while encoding (encode_prompt)
+        clip.cpu(), t5.cpu()
     if opts.channels_last_vae:
         vae.to(memory_format=torch.channels_last)
     if opts.compile:
         configure_inductor(opts)
         vae.decode = torch.compile(vae.decode, fullgraph=True)
-    return Pipeline(cfg, transformer, clip, t5, clip_tok, t5_tok, vae, name, torch.device(device), dtype, opts)
+    return Pipeline(cfg, transformer, clip, t5, clip_tok, t5_tok, vae, name, torch.device(device), dtype, opts,
+                    offload_text_encoders=offload_text_encoders, bf16_transformer=bf16_transformer)
+
+
+def default_compile_cache() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "flux-fast-pytorch")
+
+
+def use_compile_cache(directory: str | None) -> None:
+    """Keep inductor's and AOTAutograd's caches on disk, so a second process skips most of the compile work.
+
+    An explicit $TORCHINDUCTOR_CACHE_DIR wins over the default (benchmark.py gives each row an empty one).
+    """
+    if directory is None:
+        directory = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_compile_cache()
+    if directory == "none":
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if not os.access(directory, os.W_OK):
+            raise PermissionError(f"{directory} is not writable")
+    except OSError as e:
+        print(f"warning: no compile cache ({e}); every process compiles from scratch", file=sys.stderr)
+        torch._inductor.config.fx_graph_cache = False
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
 
 
 def configure_inductor(opts: Options) -> None:
     """Inductor settings, each kept only where it measured faster (BENCHMARKS.md) or costs no compile time."""
     config = torch._inductor.config
-    config.fx_graph_cache = True  # a second process with the same shapes skips codegen
     config.conv_1x1_as_mm = True  # the VAE's 1x1 convolutions as matmuls
     if opts.inductor_tuning:  # minutes more compile for a few percent: opt-in
         config.coordinate_descent_tuning = True
@@ -759,20 +1040,39 @@ def effective_options(opts: Options, device: torch.device) -> Options:
         opts = dataclasses.replace(opts, compile=False, cuda_graphs=False)
     if opts.inductor_tuning and not opts.compile:
         raise UserError("--inductor-tuning needs torch.compile (drop --no-compile)")
+    if opts.quantize == "fp8":
+        check_fp8_support(device)
     return dataclasses.replace(opts, attention=resolve_attention(opts.attention, device))
+
+
+def check_fp8_support(device: torch.device) -> None:
+    """float8 matmuls run on GPUs of compute capability 8.9 or newer (L4, L40S, H100, B200); on the CPU torch
+    emulates them (slowly), so the whole fp8 path runs in the CPU tests too."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise UserError(f"--quantize fp8 needs float8 tensor cores (compute capability 8.9 or newer, e.g. L4, H100); "
+                        f"{torch.cuda.get_device_name(device)} has {capability}")
+    try:  # the rowwise-scaled matmul itself, which older torch builds lack on some devices
+        probe = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
+        Float8Linear(nn.Linear(16, 16, device=device, dtype=torch.bfloat16))(probe)
+    except (RuntimeError, NotImplementedError) as e:
+        raise UserError(f"--quantize fp8: torch {torch.__version__} has no rowwise-scaled float8 matmul on "
+                        f"{device} ({str(e).splitlines()[0]})") from e
 
 
 def describe(pipe: Pipeline) -> str:
     """Evidence that each optimization applied, read off the loaded model rather than the flags."""
     model, opts = pipe.transformer, pipe.opts
-    fused = sum(isinstance(getattr(m, name, None), nn.Linear) for m in model.modules()
+    fused = sum(isinstance(getattr(m, name, None), (nn.Linear, Float8Linear)) for m in model.modules()
                 for name in ("to_qkv", "to_added_qkv", "to_qkv_mlp"))
+    fp8 = sum(isinstance(m, Float8Linear) for m in model.modules())
     rope_dtype = str(pipe.dtype).removeprefix("torch.") if opts.bf16_rope else "float32"
     return (f"optimizations: fused projections={fused}, rope={rope_dtype}, "
             f"euler-in-graph={opts.euler_in_graph}, precompute={opts.precompute}, compile={opts.compile}"
             f"{' (+tuning)' if opts.inductor_tuning else ''}, cuda-graphs={opts.cuda_graphs}, "
             f"attention={opts.attention}, text-buckets={opts.text_buckets}, "
-            f"channels-last-vae={next(pipe.vae.parameters()).is_contiguous(memory_format=torch.channels_last)}")
+            f"channels-last-vae={next(pipe.vae.parameters()).is_contiguous(memory_format=torch.channels_last)}, "
+            f"fp8 linear layers={fp8}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -795,17 +1095,23 @@ def encode_prompt(pipe: Pipeline, prompts: list[str], prompts_2: list[str], max_
     """CLIP's pooled vector [B, 768] conditions every block; T5's tokens [B, L, 4096] are attended to."""
     clip_ids = tokenize(pipe.clip_tokenizer, prompts, 77, "CLIP")
     t5_ids = tokenize(pipe.t5_tokenizer, prompts_2, max_sequence_length, "T5", TEXT_BUCKET * pipe.opts.text_buckets)
+    if pipe.offload_text_encoders:
+        pipe.clip.to(pipe.device), pipe.t5.to(pipe.device)
     pooled = pipe.clip(clip_ids.to(pipe.device), output_hidden_states=False).pooler_output.to(pipe.dtype)
     txt = pipe.t5(t5_ids.to(pipe.device), output_hidden_states=False)[0].to(pipe.dtype)
+    if pipe.offload_text_encoders:
+        pipe.clip.cpu(), pipe.t5.cpu()
     return txt, pooled
 
 
 TEXT_BUCKET = 128
 
 
-def initial_noise(batch: int, channels: int, h: int, w: int, seed: int, dtype) -> torch.Tensor:
-    """The same noise diffusers' FluxPipeline draws with generator=torch.Generator("cpu").manual_seed(seed)."""
-    return torch.randn((batch, channels, h, w), generator=torch.Generator("cpu").manual_seed(seed), dtype=dtype)
+def initial_noise(seeds: list[int], channels: int, h: int, w: int, dtype) -> torch.Tensor:
+    """One CPU generator per image, as diffusers' FluxPipeline with generator=[torch.Generator("cpu").manual_seed(s)
+    for s in seeds]: each image of a batch is the image its seed gives alone."""
+    return torch.cat([torch.randn((1, channels, h, w), generator=torch.Generator("cpu").manual_seed(s), dtype=dtype)
+                      for s in seeds])
 
 
 def velocity(model: Flux, x: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -855,19 +1161,84 @@ def step_function(pipe: Pipeline, x: torch.Tensor, dt: torch.Tensor, cond: dict)
     """The compiled and graphed step for this input shape: built on first use, then reused across requests."""
     opts = pipe.opts
     key = (tuple(x.shape), tuple(cond["txt"].shape))
-    if key not in pipe.steps:
+    if key in pipe.steps:
+        pipe.steps.move_to_end(key)
+    else:
+        if len(pipe.steps) >= pipe.max_steps:  # evict the least recently used shape and give its memory back
+            pipe.steps.popitem(last=False)
+            if pipe.device.type == "cuda":
+                torch.cuda.empty_cache()
         fn = functools.partial(euler_step if opts.euler_in_graph else velocity, pipe.transformer)
         if opts.compile:
             fn = torch.compile(fn, fullgraph=True, dynamic=False)
         args = (x, dt, cond) if opts.euler_in_graph else (x, cond)
         t0 = time.perf_counter()
         pipe.steps[key] = CUDAGraphStep(fn, *args) if opts.cuda_graphs else fn
-        if opts.cuda_graphs or opts.compile:
+        if opts.cuda_graphs:  # warm-up and capture ran just now (without graphs, compilation waits for step 1)
             sync(pipe.device)
+            pipe.build_s += time.perf_counter() - t0
             print(f"step for latents {tuple(x.shape)}, text {tuple(cond['txt'].shape)}: "
-                  f"{'compiled' if opts.compile else 'eager'}"
-                  f"{', captured as a CUDA graph' if opts.cuda_graphs else ''} in {time.perf_counter() - t0:.1f}s")
+                  f"{'compiled and ' if opts.compile else ''}captured as a CUDA graph in "
+                  f"{time.perf_counter() - t0:.1f}s")
     return pipe.steps[key]
+
+
+# Context parallelism: under `torchrun --nproc-per-node N` the N processes share every image. Each holds 1/N of the
+# text tokens and 1/N of the image tokens, runs every per-token op (linears, norms, modulation, RoPE, GELU,
+# residuals) on those alone, and meets the others only inside attention (context_parallel_attention) and once at
+# the end, to gather the latents. All ranks run the same compiled step and CUDA graph.
+def init_distributed(device: str) -> tuple[str, dist.ProcessGroup | None]:
+    """Under torchrun (WORLD_SIZE > 1) join the process group and take this rank's GPU: returns (device, group).
+
+    NCCL between GPUs, gloo between CPU processes. Only rank 0 prints: the other ranks' stdout goes to /dev/null
+    (their stderr stays, so a crash on any rank is still reported).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device, None
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=torch.device(device))  # communicators now, before any capture
+    else:
+        dist.init_process_group("gloo")
+    atexit.register(dist.destroy_process_group)  # on every way out: NCCL warns about a group left undestroyed
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return device, dist.group.WORLD
+
+
+def enable_context_parallel(pipe: Pipeline, group: dist.ProcessGroup) -> None:
+    """Spread each image's tokens over the ranks of `group`: denoise() shards them, every attention exchanges them."""
+    heads, n = pipe.cfg.num_attention_heads, group.size()
+    if heads % n:
+        raise UserError(f"context parallelism gives each of the {n} processes an equal share of the attention "
+                        f"heads: {n} does not divide the model's {heads}")
+    if pipe.bf16_transformer is not None:
+        raise UserError("--compare-bf16 runs on one GPU, not under torchrun")
+    pipe.group = group
+    for module in pipe.transformer.modules():
+        if isinstance(module, (DoubleAttention, SingleAttention)):
+            module.group = group
+
+
+def shard_tokens(x, txt, txt_ids, img_ids, group: dist.ProcessGroup) -> list[torch.Tensor]:
+    """This rank's share of the image tokens x [B, L_img, C], the text tokens txt [B, L_txt, D] and their positions
+    [L, 3]: the r-th of N equal blocks of each. Attention sees [text block, image block] per rank, a permutation of
+    the one-GPU sequence, and the RoPE tables condition() makes from these positions are this rank's rows."""
+    n, r = group.size(), group.rank()
+    for what, length, source in (("image", x.shape[1], "--height/--width"),
+                                 ("text", txt.shape[1], "--max-sequence-length or the text bucket")):
+        if length % n:
+            raise UserError(f"context parallelism over {n} processes needs the number of {what} tokens to be "
+                            f"divisible by {n}, got {length} (from {source})")
+    return [t.chunk(n, dim=-2)[r] for t in (x, txt, txt_ids, img_ids)]
+
+
+def gather_tokens(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """The inverse of shard_tokens for the latents [B, L_img / N, C]: every rank gets all image tokens, in order."""
+    parts = [torch.empty_like(x) for _ in range(group.size())]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
 
 
 @torch.no_grad()
@@ -878,6 +1249,8 @@ def denoise(pipe: Pipeline, noise: torch.Tensor, txt, pooled, sigmas: torch.Tens
     x = pack(noise)  # [B, L_img, C*4]
     img_ids = image_ids(h, w, x.device)
     txt_ids = torch.zeros(txt.shape[1], 3, device=x.device)
+    if pipe.group is not None:  # context parallel: from here on this rank holds only its share of the tokens
+        x, txt, txt_ids, img_ids = shard_tokens(x, txt, txt_ids, img_ids, pipe.group)
     sigmas = sigmas.to(x.device)
     steps = len(sigmas) - 1
     # diffusers hands the model (1000 sigma) in the latent dtype, divided by 1000; the same rounding here
@@ -895,11 +1268,13 @@ def denoise(pipe: Pipeline, noise: torch.Tensor, txt, pooled, sigmas: torch.Tens
         conds = [dict(txt=txt, txt_ids=txt_ids, img_ids=img_ids, timestep=timesteps[i].expand(b),
                       guidance=guidance_vec, pooled=pooled) for i in range(steps)]
     step = step_function(pipe, x, dts[0], conds[0])
-    for i in tqdm(range(steps), desc="denoising", leave=False, disable=None):
+    for i in tqdm(range(steps), desc="denoising", leave=False, disable=None if pipe.is_main_rank else True):
         if opts.euler_in_graph:
             x = step(x, dts[i], conds[i])
         else:
             x = (x.float() + dts[i] * step(x, conds[i])).to(x.dtype)
+    if pipe.group is not None:
+        x = gather_tokens(x, pipe.group)
     return unpack(x, h, w)
 
 
@@ -922,23 +1297,170 @@ class Request:
     width: int
     steps: int
     guidance: float
-    seed: int
+    seeds: list[int]  # one per prompt
     max_sequence_length: int
 
 
-def generate(pipe: Pipeline, req: Request, timer: Timer) -> np.ndarray:
+def generate(pipe: Pipeline, req: Request, timer: Timer) -> np.ndarray | None:
+    """The images [B, H, W, 3] as uint8; None on the ranks other than 0 of a context-parallel run."""
     with timer("text_encoders"):
         txt, pooled = encode_prompt(pipe, req.prompts, req.prompts_2, req.max_sequence_length)
     h, w = latent_grid(req.height, req.width, pipe.vae_scale_factor)
     sigmas = flow_match_sigmas(req.steps, (h // 2) * (w // 2), pipe.cfg.scheduler)
     guidance = req.guidance if pipe.cfg.guidance_embeds else None
-    noise = initial_noise(len(req.prompts), pipe.cfg.in_channels // 4, h, w, req.seed, pipe.dtype).to(pipe.device)
+    noise = initial_noise(req.seeds, pipe.cfg.in_channels // 4, h, w, pipe.dtype).to(pipe.device)
     with timer("denoiser"):
         latents = denoise(pipe, noise, txt, pooled, sigmas, guidance)
     if not torch.isfinite(latents).all():
         raise UserError("NaN/Inf in the latents after denoising (try --dtype bfloat16 or float32)")
+    if not pipe.is_main_rank:
+        return None
     with timer("vae"):
         return decode(pipe.vae, latents, pipe.opts.channels_last_vae)
+
+
+class Tandem(nn.Module):
+    """The bf16 model, with the fp8 model run beside it on the very same inputs (--compare-bf16).
+
+    The sampler follows the bf16 velocities; the fp8 error of every step is recorded, so it is the model's error
+    alone, not the drift between two trajectories. The conditioning layers are the same tensors in both models.
+    """
+
+    def __init__(self, bf16: Flux, fp8: Flux):
+        super().__init__()
+        self.bf16, self.fp8 = bf16, fp8
+        self.errors: list[torch.Tensor] = []  # relative error of the fp8 velocity, per step, left on the device
+
+    def condition(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return self.bf16.condition(*args, **kwargs)
+
+    def forward(self, img: torch.Tensor, **cond) -> torch.Tensor:
+        v = self.bf16(img, **cond)
+        self.errors.append((self.fp8(img, **cond).float() - v.float()).norm() / v.float().norm())
+        return v
+
+
+def compare_bf16(pipe: Pipeline, req: Request) -> dict:
+    """fp8's error against the bf16 model it was quantized from, on this request (--compare-bf16).
+
+    Both run eagerly (no compile, no CUDA graphs), so fp8 is the only difference between them: the velocity error
+    along the bf16 trajectory (Tandem), and PSNR and SSIM of the fp8 image against the bf16 image of the same seed.
+    """
+    eager = dataclasses.replace(pipe.opts, compile=False, cuda_graphs=False)
+    tandem = Tandem(pipe.bf16_transformer, pipe.transformer)
+    bf16_images = generate(dataclasses.replace(pipe, transformer=tandem, opts=eager, steps=OrderedDict()), req,
+                           Timer(pipe.device))
+    fp8_images = generate(dataclasses.replace(pipe, opts=eager, steps=OrderedDict()), req, Timer(pipe.device))
+    errors = [e.item() for e in tandem.errors]
+    report = {"velocity_rel_err_first_step": errors[0], "velocity_rel_err_last_step": errors[-1],
+              "velocity_rel_err_max": max(errors), "image_psnr_db": psnr(fp8_images, bf16_images),
+              "image_ssim": ssim(fp8_images, bf16_images)}
+    print(f"fp8 vs bf16 (eager, seed {req.seeds[0]}): velocity relative error {errors[0]:.4f} at the first step, "
+          f"{errors[-1]:.4f} at the last (max {max(errors):.4f}); image PSNR {report['image_psnr_db']:.2f} dB, "
+          f"SSIM {report['image_ssim']:.4f}")
+    return report
+
+
+@dataclass
+class Job:
+    """One image of a --prompts-file."""
+
+    index: int
+    prompt: str
+    prompt_2: str
+    seed: int
+    height: int
+    width: int
+    steps: int
+    guidance: float
+
+
+MAX_SIDE = 2048
+
+
+def parse_job(line: str, index: int, defaults: dict, multiple: int) -> Job:
+    """A plain-text line is a prompt; a line starting with "{" is a JSON object with "prompt" and any of JOB_FIELDS."""
+    if line.startswith("{"):
+        try:
+            fields_ = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON ({e.msg})") from e
+        unknown = sorted(set(fields_) - set(defaults) - {"prompt"})
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: prompt, {', '.join(sorted(defaults))}")
+    else:
+        fields_ = {"prompt": line}
+    job = {**defaults, "seed": defaults["seed"] + index, **fields_}
+    if not isinstance(job["prompt"], str) or not job["prompt"].strip():
+        raise ValueError("empty prompt")
+    for key in ("seed", "height", "width", "steps"):
+        if not isinstance(job[key], int):
+            raise ValueError(f"{key} must be an integer, got {job[key]!r}")
+    if not isinstance(job["guidance"], int | float) or job["guidance"] < 0:
+        raise ValueError(f"guidance must be a number >= 0, got {job['guidance']!r}")
+    if job["steps"] <= 0:
+        raise ValueError(f"steps must be positive, got {job['steps']}")
+    for key in ("height", "width"):
+        if not 0 < job[key] <= MAX_SIDE or job[key] % multiple:
+            raise ValueError(f"{key} must be a multiple of {multiple} up to {MAX_SIDE}, got {job[key]}")
+    return Job(index=index, prompt_2=job.get("prompt_2") or job["prompt"], **{k: job[k] for k in (
+        "prompt", "seed", "height", "width", "steps", "guidance")})
+
+
+def read_prompts_file(path: str, defaults: dict, multiple: int, strict: bool) -> list[Job]:
+    """Bad lines are reported with their line number and skipped, or with `strict` stop the run before any image."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+    jobs, problems = [], []
+    for number, line in enumerate(lines, 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                jobs.append(parse_job(line.strip(), len(jobs), defaults, multiple))
+            except ValueError as e:
+                problems.append(f"{path}:{number}: {e}")
+    for problem in problems:
+        print(f"warning: skipping {problem}", file=sys.stderr)
+    if problems and strict:
+        raise UserError(f"{len(problems)} bad line(s) in {path}, first {problems[0]}; --strict: nothing generated")
+    if not jobs:
+        raise UserError(f"no prompts in {path}")
+    return jobs
+
+
+def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+    """Consecutive jobs of one shape, steps and guidance share a forward pass, up to batch_size of them."""
+    out = []
+    for job in jobs:
+        same = out and len(out[-1]) < batch_size and all(
+            getattr(out[-1][0], k) == getattr(job, k) for k in ("height", "width", "steps", "guidance"))
+        out[-1].append(job) if same else out.append([job])
+    return out
+
+
+def generate_many(pipe: Pipeline, jobs: list[Job], batch_size: int, max_sequence_length: int, output_dir: str,
+                  metadata: dict) -> None:
+    """Every job, batch by batch, each image saved as soon as its batch is done; then a throughput line."""
+    os.makedirs(output_dir, exist_ok=True)
+    t0, build0, done = time.perf_counter(), pipe.build_s, 0
+    for batch in tqdm(batches(jobs, batch_size), desc="prompts", unit="batch"):
+        first = batch[0]
+        req = Request([j.prompt for j in batch], [j.prompt_2 for j in batch], first.height, first.width, first.steps,
+                      first.guidance, [j.seed for j in batch], max_sequence_length)
+        images = generate(pipe, req, Timer(pipe.device))
+        if images is None:  # a rank other than 0 of a context-parallel run: rank 0 saves
+            continue
+        for job, image in zip(batch, images, strict=True):
+            save_png(image, os.path.join(output_dir, f"{job.index:04d}-{job.seed}.png"), {
+                **metadata, "prompt": job.prompt, "prompt_2": job.prompt_2, "seed": job.seed, "steps": job.steps,
+                "guidance": job.guidance, "size": f"{job.width}x{job.height}"})
+            done += 1
+    total, building = time.perf_counter() - t0, pipe.build_s - build0
+    per_hour = 3600 * done / max(total - building, 1e-9)
+    print(f"{done} images in {total:.1f}s ({building:.1f}s of it compiling and capturing new shapes): "
+          f"{per_hour:.0f} images/hour after warm-up; written to {output_dir}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -998,6 +1520,8 @@ def profile_run(pipe: Pipeline, req: Request, path: str) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         generate(pipe, req, Timer(pipe.device))
         sync(pipe.device)
+    if not pipe.is_main_rank:  # context parallel: every rank runs the request, rank 0's profile is the report
+        return {}
     prof.export_chrome_trace(os.path.splitext(path)[0] + ".trace.json")
     kinds = {"gemm": ("gemm", "nvjet", "cutlass", "xmma", "splitk"),
              "attention": ("attention", "fmha", "flash", "sdpa"), "triton": ("triton",)}
@@ -1044,10 +1568,13 @@ def summarize(per_run: list[dict], warmup_s: float, device: torch.device) -> dic
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument("--prompt", default=None, help="what to draw (or --prompts-file)")
     p.add_argument("--prompt-2", default=None, help="prompt for T5 (defaults to --prompt)")
     p.add_argument("--model", default="black-forest-labs/FLUX.1-dev",
-                   help="hub id or local diffusers-layout directory")
+                   help="hub id, local diffusers-layout directory, or a Black Forest Labs single-file "
+                        "transformer (flux1-dev.safetensors; with --text-encoders-from)")
+    p.add_argument("--text-encoders-from", default=None,
+                   help="with a single-file --model: hub id or diffusers directory for text encoders, VAE, scheduler")
     p.add_argument("--random-weights", action="store_true",
                    help="full-size model with random weights, no download (for timing only)")
     p.add_argument("--height", type=int, default=1024)
@@ -1055,7 +1582,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 28 for dev, 4 for schnell)")
     p.add_argument("--guidance", type=float, default=None, help="guidance (default: 3.5 for dev, unused by schnell)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=1, help="images of the prompt per forward pass")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images of the prompt per forward pass, with seeds --seed, --seed + 1, ...")
     p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: 512 dev, 256 schnell)")
     p.add_argument("--output", default="output.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -1064,6 +1592,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=1, help="timed runs; medians are printed")
     p.add_argument("--timings-json", default=None, help="write per-run timings and medians here")
     p.add_argument("--profile", default=None, metavar="JSON", help="profile one extra run; kernel breakdown here")
+    m = p.add_argument_group("many prompts, many shapes")
+    m.add_argument("--prompts-file", default=None,
+                   help="one prompt per line, or JSON lines with prompt and any of prompt_2, seed, height, width, "
+                        "steps, guidance (defaults: the flags; seed: --seed + index); batched by --batch-size")
+    m.add_argument("--output-dir", default="outputs", help="with --prompts-file: images as <index>-<seed>.png")
+    m.add_argument("--strict", action="store_true", help="a bad line in --prompts-file stops the run before any image")
+    m.add_argument("--max-graphs", type=int, default=8,
+                   help="compiled/captured shapes kept; the least recently used is evicted and its memory freed")
+    m.add_argument("--compile-cache", default=None,
+                   help="directory for inductor's and AOTAutograd's caches, so a second process compiles much less "
+                        f"(default: $TORCHINDUCTOR_CACHE_DIR if set, else {default_compile_cache()}; 'none': off)")
+    m.add_argument("--offload-text-encoders", action="store_true",
+                   help="keep CLIP/T5 in CPU memory and move them to the GPU only to encode (for smaller GPUs)")
     o = p.add_argument_group("optimizations (each on by default; --no-... switches one off)")
     for name, help_text in [
         ("bf16-rope", "RoPE tables and rotation in the model dtype instead of float32"),
@@ -1080,13 +1621,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention kernel; auto: FlashAttention-3/2 if installed, else cuDNN on GPU, else SDPA")
     o.add_argument("--inductor-tuning", action="store_true",
                    help="coordinate-descent and GEMM autotuning in inductor (much longer compile)")
+    q = p.add_argument_group("fp8 (opt-in: faster, and the image changes a little; --compare-bf16 measures how much)")
+    q.add_argument("--quantize", default="none", choices=["none", "fp8"],
+                   help="fp8: the blocks' linear layers in float8 e4m3, per-output-channel weight and per-token "
+                        "activation scales; attention, norms, modulation, embedders and final projection stay bf16")
+    q.add_argument("--fp8-keep-bf16", type=int, default=0, metavar="N",
+                   help="with --quantize fp8: the first N and the last N of the 57 blocks stay bf16")
+    q.add_argument("--compare-bf16", action="store_true",
+                   help="with --quantize fp8: also keep the bf16 model (+12 GB) and print fp8's velocity error at "
+                        "the first and last steps and its image's PSNR/SSIM against bf16's (same seed, eager)")
     return p
 
 
 def check_args(args) -> None:
     """Everything that can be checked before loading gigabytes of weights."""
-    if not args.prompt.strip():
-        raise UserError("--prompt is empty")
+    if args.prompts_file is None and not (args.prompt or "").strip():
+        raise UserError("--prompt is empty (give --prompt or --prompts-file)")
+    if args.max_graphs < 1:
+        raise UserError(f"--max-graphs must be >= 1, got {args.max_graphs}")
     if args.steps is not None and args.steps <= 0:
         raise UserError(f"--steps must be positive, got {args.steps}")
     if args.guidance is not None and args.guidance < 0:
@@ -1101,6 +1653,16 @@ def check_args(args) -> None:
         raise UserError("--warmup must be >= 0 and --runs >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} but CUDA is not available")
+    if args.compare_bf16 and args.quantize != "fp8":
+        raise UserError("--compare-bf16 measures fp8's error: it needs --quantize fp8")
+    if args.fp8_keep_bf16 and args.quantize != "fp8":
+        raise UserError("--fp8-keep-bf16 needs --quantize fp8")
+    if args.fp8_keep_bf16 < 0:
+        raise UserError(f"--fp8-keep-bf16 must be >= 0, got {args.fp8_keep_bf16}")
+    if args.quantize == "fp8" and args.dtype != "bfloat16":
+        raise UserError(f"--quantize fp8 runs around its float8 matmuls in bfloat16, not --dtype {args.dtype}")
+    if args.compare_bf16 and args.prompts_file:
+        raise UserError("--compare-bf16 measures one --prompt, not a --prompts-file")
     for path in (args.output, args.timings_json, args.profile):
         if path is not None:
             if os.path.isdir(path):
@@ -1135,30 +1697,51 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
+        args.device, group = init_distributed(args.device)  # under torchrun: this rank's device, and all the ranks
         dtype = getattr(torch, args.dtype)
         opts = effective_options(Options(**{f.name: getattr(args, f.name) for f in fields(Options)}),
                                  torch.device(args.device))
-        pipe = load_pipeline(args.model, args.device, dtype, opts, args.random_weights)
+        if opts.compile:
+            use_compile_cache(args.compile_cache)
+            torch._dynamo.config.recompile_limit = max(8, 2 * args.max_graphs)  # one compiled step per shape
+        pipe = load_pipeline(args.model, args.device, dtype, opts, args.random_weights, args.text_encoders_from,
+                             args.offload_text_encoders)
+        pipe.max_steps = args.max_graphs
+        if group is not None:
+            enable_context_parallel(pipe, group)
         print(describe(pipe))
-        check_size(args.height, args.width, pipe.vae_scale_factor)
         cfg = pipe.cfg
+        if args.prompts_file:
+            defaults = dict(prompt_2=args.prompt_2, seed=args.seed, height=args.height, width=args.width,
+                            steps=args.steps or cfg.default_steps,
+                            guidance=cfg.default_guidance if args.guidance is None else args.guidance)
+            jobs = read_prompts_file(args.prompts_file, defaults, 2 * pipe.vae_scale_factor, args.strict)
+            generate_many(pipe, jobs, args.batch_size, args.max_sequence_length or cfg.max_sequence_length,
+                          args.output_dir, {"model": pipe.model_name, "random_weights": args.random_weights})
+            return 0
+        check_size(args.height, args.width, pipe.vae_scale_factor)
         req = Request([args.prompt] * args.batch_size, [args.prompt_2 or args.prompt] * args.batch_size,
                       args.height, args.width,
                       args.steps or cfg.default_steps,
                       cfg.default_guidance if args.guidance is None else args.guidance,
-                      args.seed, args.max_sequence_length or cfg.max_sequence_length)
+                      [args.seed + i for i in range(args.batch_size)],
+                      args.max_sequence_length or cfg.max_sequence_length)
         images, per_run, warmup_s = timed_runs(pipe, req, args.warmup, args.runs)
         if args.profile:
             profile_run(pipe, req, args.profile)
+        if not pipe.is_main_rank:  # context parallel: rank 0 reports the timings and writes the files
+            return 0
         summary = summarize(per_run, warmup_s, pipe.device)
         for key in ("text_encoders", "denoiser", "vae"):
             print(f"{key} time: {summary[key]['median']:.3f}s")
         print(f"end-to-end time: {summary['end_to_end']['median']:.3f}s")
+        if pipe.bf16_transformer is not None:
+            summary["fp8_vs_bf16"] = compare_bf16(pipe, req)
         stem, ext = os.path.splitext(args.output)
         for i, image in enumerate(images):
             path = args.output if len(images) == 1 else f"{stem}-{i}{ext}"
             save_png(image, path, {
-                "prompt": args.prompt, "prompt_2": args.prompt_2 or args.prompt, "seed": req.seed, "batch_index": i,
+                "prompt": args.prompt, "prompt_2": args.prompt_2 or args.prompt, "seed": req.seeds[i],
                 "steps": req.steps, "guidance": req.guidance, "size": f"{req.width}x{req.height}",
                 "model": pipe.model_name, "random_weights": args.random_weights,
             })
@@ -1167,7 +1750,8 @@ def main(argv=None) -> int:
             with open(args.timings_json, "w") as f:
                 json.dump({"script": os.path.basename(__file__), "args": vars(args), **summary}, f, indent=1)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not dist.is_initialized() or dist.get_rank() == 0:  # bad input is the same on every rank: say it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -616,9 +616,11 @@ def encode_prompt(pipe: Pipeline, prompts: list[str], prompts_2: list[str], max_
     return txt, pooled
 
 
-def initial_noise(batch: int, channels: int, h: int, w: int, seed: int, dtype) -> torch.Tensor:
-    """The same noise diffusers' FluxPipeline draws with generator=torch.Generator("cpu").manual_seed(seed)."""
-    return torch.randn((batch, channels, h, w), generator=torch.Generator("cpu").manual_seed(seed), dtype=dtype)
+def initial_noise(seeds: list[int], channels: int, h: int, w: int, dtype) -> torch.Tensor:
+    """One CPU generator per image, as diffusers' FluxPipeline with generator=[torch.Generator("cpu").manual_seed(s)
+    for s in seeds]: each image of a batch is the image its seed gives alone."""
+    return torch.cat([torch.randn((1, channels, h, w), generator=torch.Generator("cpu").manual_seed(s), dtype=dtype)
+                      for s in seeds])
 
 
 @torch.no_grad()
@@ -657,7 +659,7 @@ class Request:
     width: int
     steps: int
     guidance: float
-    seed: int
+    seeds: list[int]  # one per prompt
     max_sequence_length: int
 
 
@@ -667,7 +669,7 @@ def generate(pipe: Pipeline, req: Request, timer: Timer) -> np.ndarray:
     h, w = latent_grid(req.height, req.width, pipe.vae_scale_factor)
     sigmas = flow_match_sigmas(req.steps, (h // 2) * (w // 2), pipe.cfg.scheduler)
     guidance = req.guidance if pipe.cfg.guidance_embeds else None
-    noise = initial_noise(len(req.prompts), pipe.cfg.in_channels // 4, h, w, req.seed, pipe.dtype).to(pipe.device)
+    noise = initial_noise(req.seeds, pipe.cfg.in_channels // 4, h, w, pipe.dtype).to(pipe.device)
     with timer("denoiser"):
         latents = denoise(pipe.transformer, noise, txt, pooled, sigmas, guidance)
     if not torch.isfinite(latents).all():
@@ -757,7 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 28 for dev, 4 for schnell)")
     p.add_argument("--guidance", type=float, default=None, help="guidance (default: 3.5 for dev, unused by schnell)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=1, help="images of the prompt per forward pass")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images of the prompt per forward pass, with seeds --seed, --seed + 1, ...")
     p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: 512 dev, 256 schnell)")
     p.add_argument("--output", default="output.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -828,7 +831,8 @@ def main(argv=None) -> int:
                       args.height, args.width,
                       args.steps or cfg.default_steps,
                       cfg.default_guidance if args.guidance is None else args.guidance,
-                      args.seed, args.max_sequence_length or cfg.max_sequence_length)
+                      [args.seed + i for i in range(args.batch_size)],
+                      args.max_sequence_length or cfg.max_sequence_length)
         images, per_run, warmup_s = timed_runs(pipe, req, args.warmup, args.runs)
         summary = summarize(per_run, warmup_s, pipe.device)
         for key in ("text_encoders", "denoiser", "vae"):
@@ -838,7 +842,7 @@ def main(argv=None) -> int:
         for i, image in enumerate(images):
             path = args.output if len(images) == 1 else f"{stem}-{i}{ext}"
             save_png(image, path, {
-                "prompt": args.prompt, "prompt_2": args.prompt_2 or args.prompt, "seed": req.seed, "batch_index": i,
+                "prompt": args.prompt, "prompt_2": args.prompt_2 or args.prompt, "seed": req.seeds[i],
                 "steps": req.steps, "guidance": req.guidance, "size": f"{req.width}x{req.height}",
                 "model": pipe.model_name, "random_weights": args.random_weights,
             })

@@ -51,7 +51,7 @@ def pipes():
 
 
 def request(prompt: str, seed: int, steps: int) -> ref.Request:
-    return ref.Request([prompt], [prompt], HEIGHT, WIDTH, steps, 3.5, seed, TEXT_LEN)
+    return ref.Request([prompt], [prompt], HEIGHT, WIDTH, steps, 3.5, [seed], TEXT_LEN)
 
 
 def test_describe_reports_every_optimization(pipes):
@@ -104,7 +104,7 @@ def test_graph_replay_serves_a_new_request(pipes):
         txt, pooled = opt.encode_prompt(pipe, req.prompts, req.prompts_2, req.max_sequence_length)
         h, w = opt.latent_grid(HEIGHT, WIDTH, pipe.vae_scale_factor)
         sigmas = opt.flow_match_sigmas(req.steps, (h // 2) * (w // 2), pipe.cfg.scheduler)
-        noise = opt.initial_noise(1, 16, h, w, req.seed, torch.bfloat16).cuda()
+        noise = opt.initial_noise(req.seeds, 16, h, w, torch.bfloat16).cuda()
         latents[name] = opt.denoise(pipe, noise, txt, pooled, sigmas, req.guidance)
     assert len(fast.steps) == 1, "the step for this shape should have been captured once and reused"
     assert rel_err(latents["fast"], latents["eager"]) < 2e-2

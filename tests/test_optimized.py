@@ -291,6 +291,21 @@ def test_cli_matches_reference_and_diffusers(flags, tiny_pipeline_dir, reference
         assert im.text["prompt"] == PROMPT and im.text["seed"] == str(SEED) and im.text["size"] == "56x40"
 
 
+def test_cli_batch_matches_reference_batch(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """--batch-size 2 through the precomputed, step-major conditioning: the reference's images and latents."""
+    ref_latents, opt_latents = [], []
+    monkeypatch.setattr(sfi, "decode", recording(sfi, ref_latents))
+    monkeypatch.setattr(oi, "decode", recording(oi, opt_latents))
+    assert sfi.main(cli_args(tiny_pipeline_dir, str(tmp_path / "ref.png"), "--batch-size", "2")) == 0
+    assert oi.main(cli_args(tiny_pipeline_dir, str(tmp_path / "opt.png"), "--batch-size", "2", "--no-text-buckets",
+                            "--warmup", "0")) == 0
+    (ref,), (opt,) = ref_latents, opt_latents
+    assert opt.shape == ref.shape == (2, 4, HEIGHT // 4, WIDTH // 4)
+    assert rel_err(opt, ref) < 1e-5
+    for i in range(2):
+        assert max_pixel_diff(read_png(tmp_path / f"opt-{i}.png"), read_png(tmp_path / f"ref-{i}.png")) <= 2
+
+
 def test_cli_evidence_line_reports_bf16_rope(tiny_pipeline_dir, tmp_path, capsys):
     out = tmp_path / "bf16.png"
     assert oi.main(cli_args(tiny_pipeline_dir, str(out), "--dtype", "bfloat16", "--warmup", "0")) == 0

@@ -60,13 +60,15 @@ def cli_args(model_dir: str, output: str, *extra: str) -> list[str]:
             "--max-sequence-length", str(MAX_SEQ), "--seed", str(SEED), "--output", output, *extra]
 
 
-def diffusers_images(model_dir: str, num_images: int = 1, output_type: str = "np"):
-    """FluxPipeline's images as uint8 [B, H, W, 3] (or its final packed latents with output_type="latent")."""
+def diffusers_images(model_dir: str, seeds=(SEED,), output_type: str = "np"):
+    """FluxPipeline's images as uint8 [B, H, W, 3] (or its final packed latents with output_type="latent"):
+    one image per seed, a CPU generator each (a single generator, not a list, for a single seed)."""
     pipe = FluxPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     images = pipe(prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                  max_sequence_length=MAX_SEQ, num_images_per_prompt=num_images,
-                  generator=torch.Generator("cpu").manual_seed(SEED), output_type=output_type).images
+                  max_sequence_length=MAX_SEQ, num_images_per_prompt=len(seeds),
+                  generator=generators[0] if len(seeds) == 1 else generators, output_type=output_type).images
     return images if output_type == "latent" else (images * 255).round().astype(np.uint8)
 
 
@@ -164,13 +166,28 @@ def test_cli_matches_diffusers_pipeline(variant, request, tmp_path, capsys, monk
         assert re.search(rf"^{component} time: \d+\.\d{{3}}s$", stdout, re.MULTILINE), stdout
 
 
-def test_cli_batch_matches_diffusers_num_images_per_prompt(tiny_pipeline_dir, tmp_path):
+@pytest.mark.parametrize("variant,steps,guidance", [("dev", 28, 3.5), ("schnell", 4, 0.0)])
+def test_cli_defaults_come_from_the_model(variant, steps, guidance, request, tmp_path):
+    model_dir = request.getfixturevalue("tiny_pipeline_dir" if variant == "dev" else "tiny_pipeline_dir_schnell")
+    out = tmp_path / "defaults.png"
+    assert sfi.main(["--prompt", PROMPT, "--model", model_dir, "--device", "cpu", "--dtype", "float32",
+                     "--height", "16", "--width", "24", "--output", str(out)]) == 0
+    with Image.open(out) as im:
+        assert (im.text["steps"], float(im.text["guidance"]), im.text["size"]) == (str(steps), guidance, "24x16")
+
+
+def test_cli_batch_matches_diffusers_with_one_generator_per_seed(tiny_pipeline_dir, tmp_path):
+    """--batch-size 2 draws image i with seed --seed + i: each image is the one its seed gives alone."""
     out = tmp_path / "batch.png"
     assert sfi.main(cli_args(tiny_pipeline_dir, str(out), "--batch-size", "2")) == 0
+    assert sorted(os.listdir(tmp_path)) == ["batch-0.png", "batch-1.png"]
     ours = [read_png(tmp_path / f"batch-{i}.png") for i in range(2)]
-    theirs = diffusers_images(tiny_pipeline_dir, num_images=2)
+    theirs = diffusers_images(tiny_pipeline_dir, seeds=(SEED, SEED + 1))
     for i in range(2):
         assert max_pixel_diff(ours[i], theirs[i]) <= 2
+        with Image.open(tmp_path / f"batch-{i}.png") as im:
+            assert im.text["seed"] == str(SEED + i)
+    assert max_pixel_diff(ours[0], diffusers_images(tiny_pipeline_dir)[0]) <= 2  # = the image of --seed alone
     assert max_pixel_diff(ours[0], ours[1]) > 20  # each image of the batch gets its own noise
 
 
@@ -199,17 +216,20 @@ def test_sigmas_shift_depends_on_resolution_with_dynamic_shifting():
     assert (large[1:-1] > small[1:-1] + 1e-3).all()  # larger images spend more steps at high noise
 
 
-@pytest.mark.parametrize("batch,seed", [(1, 0), (2, 7), (3, 1234)])
-def test_initial_noise_matches_diffusers_randn_tensor(batch, seed):
-    shape = (batch, 4, 10, 14)
+@pytest.mark.parametrize("seeds", [[0], [7, 8], [1234, 5, 99]])
+def test_initial_noise_matches_diffusers_randn_tensor(seeds):
+    shape = (len(seeds), 4, 10, 14)
     for dtype in (torch.float32, torch.bfloat16):
-        ours = sfi.initial_noise(*shape, seed=seed, dtype=dtype)
-        theirs = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=torch.device("cpu"),
-                              dtype=dtype)
-        assert ours.dtype == dtype
+        ours = sfi.initial_noise(seeds, 4, 10, 14, dtype)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        theirs = randn_tensor(shape, generator=generators if len(seeds) > 1 else generators[0],
+                              device=torch.device("cpu"), dtype=dtype)
+        assert ours.dtype == dtype and ours.shape == shape
         assert torch.equal(ours, theirs)
-    assert not torch.equal(sfi.initial_noise(*shape, seed=seed + 1, dtype=torch.float32),
-                           sfi.initial_noise(*shape, seed=seed, dtype=torch.float32))
+        for i, seed in enumerate(seeds):  # each image's noise is that of its seed alone
+            assert torch.equal(ours[i:i + 1], sfi.initial_noise([seed], 4, 10, 14, dtype))
+    assert not torch.equal(sfi.initial_noise([seeds[0] + 1], 4, 10, 14, torch.float32),
+                           sfi.initial_noise([seeds[0]], 4, 10, 14, torch.float32))
 
 
 def test_latent_grid_noise_and_ids_match_flux_pipeline_prepare_latents():
@@ -220,12 +240,13 @@ def test_latent_grid_noise_and_ids_match_flux_pipeline_prepare_latents():
         _pack_latents = staticmethod(FluxPipeline._pack_latents)
         _prepare_latent_image_ids = staticmethod(FluxPipeline._prepare_latent_image_ids)
 
-    height, width, batch = 40, 56, 2
-    latents, ids = FluxPipeline.prepare_latents(FakePipe(), batch, 4, height, width, torch.float32,
-                                                torch.device("cpu"), torch.Generator("cpu").manual_seed(SEED))
+    height, width, seeds = 40, 56, [SEED, SEED + 1]
+    latents, ids = FluxPipeline.prepare_latents(FakePipe(), len(seeds), 4, height, width, torch.float32,
+                                                torch.device("cpu"),
+                                                [torch.Generator("cpu").manual_seed(s) for s in seeds])
     h, w = sfi.latent_grid(height, width, 4)
     assert (h, w) == (10, 14)
-    assert torch.equal(sfi.pack(sfi.initial_noise(batch, 4, h, w, SEED, torch.float32)), latents)
+    assert torch.equal(sfi.pack(sfi.initial_noise(seeds, 4, h, w, torch.float32)), latents)
     assert torch.equal(sfi.image_ids(h, w, "cpu"), ids)
 
 
