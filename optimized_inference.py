@@ -305,8 +305,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Structural similarity of two uint8 images [..., H, W, 3] (Wang et al. 2004: 11x11 Gaussian window of sigma
     1.5, over the window positions inside the image), averaged over positions, channels and images; 1: identical."""
-    x, y = (torch.from_numpy(im).double().reshape(-1, *im.shape[-3:]).permute(0, 3, 1, 2).flatten(0, 1)[:, None]
-            for im in (a, b))  # one [N, 1, H, W] stack of channels
+    x, y = (torch.from_numpy(im.reshape(-1, *im.shape[-3:]).transpose(0, 3, 1, 2).astype(np.float64))
+            .flatten(0, 1)[:, None] for im in (a, b))  # [images * 3, 1, H, W]: each channel on its own
     g = torch.exp(-((torch.arange(11) - 5) ** 2) / (2 * 1.5**2)).double()
     window = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
     mean = lambda t: F.conv2d(t, window)  # noqa: E731  local means under the window
@@ -840,7 +840,7 @@ def quantize_fp8_(model: Flux, keep_bf16: int = 0) -> Flux:
 
 def bf16_twin(model: Flux) -> Flux:
     """A second Flux over the very same weight tensors (no copy): quantizing `model` afterwards leaves it in bf16,
-    for --compare-bf16 at the cost of the fp8 weights only (~12 GB at FLUX.1-dev size)."""
+    for --compare-bf16 at the cost of the fp8 weights only (8.6 GB at FLUX.1-dev size)."""
     with torch.device("meta"):
         twin = Flux(model.cfg, model.opts)
     twin.load_state_dict(model.state_dict(), assign=True)
@@ -1039,7 +1039,7 @@ def effective_options(opts: Options, device: torch.device) -> Options:
         print("note: no CUDA device: torch.compile and CUDA graphs are off")
         opts = dataclasses.replace(opts, compile=False, cuda_graphs=False)
     if opts.inductor_tuning and not opts.compile:
-        raise UserError("--inductor-tuning needs torch.compile (drop --no-compile)")
+        raise UserError("--inductor-tuning needs torch.compile (CUDA, and no --no-compile)")
     if opts.quantize == "fp8":
         check_fp8_support(device)
     return dataclasses.replace(opts, attention=resolve_attention(opts.attention, device))
@@ -1211,8 +1211,8 @@ def enable_context_parallel(pipe: Pipeline, group: dist.ProcessGroup) -> None:
     """Spread each image's tokens over the ranks of `group`: denoise() shards them, every attention exchanges them."""
     heads, n = pipe.cfg.num_attention_heads, group.size()
     if heads % n:
-        raise UserError(f"context parallelism gives each of the {n} processes an equal share of the attention "
-                        f"heads: {n} does not divide the model's {heads}")
+        raise UserError(f"context parallelism over {n} processes needs the number of attention heads to be "
+                        f"divisible by {n}, got {heads} (each process attends with an equal share of them)")
     if pipe.bf16_transformer is not None:
         raise UserError("--compare-bf16 runs on one GPU, not under torchrun")
     pipe.group = group
@@ -1628,7 +1628,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fp8-keep-bf16", type=int, default=0, metavar="N",
                    help="with --quantize fp8: the first N and the last N of the 57 blocks stay bf16")
     q.add_argument("--compare-bf16", action="store_true",
-                   help="with --quantize fp8: also keep the bf16 model (+12 GB) and print fp8's velocity error at "
+                   help="with --quantize fp8: also keep the bf16 model (+8.6 GB) and print fp8's velocity error at "
                         "the first and last steps and its image's PSNR/SSIM against bf16's (same seed, eager)")
     return p
 
@@ -1688,7 +1688,7 @@ def save_png(image: np.ndarray, path: str, metadata: dict) -> None:
         Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except OSError as e:
-        if os.path.exists(tmp):
+        if os.path.isfile(tmp):
             os.remove(tmp)
         raise UserError(f"cannot write {path}: {e}") from e
 

@@ -814,7 +814,7 @@ def save_png(image: np.ndarray, path: str, metadata: dict) -> None:
         Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except OSError as e:
-        if os.path.exists(tmp):
+        if os.path.isfile(tmp):
             os.remove(tmp)
         raise UserError(f"cannot write {path}: {e}") from e
 

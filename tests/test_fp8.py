@@ -1,0 +1,397 @@
+"""--quantize fp8 (optimized_inference.py): the quantization, the float8 linear layer, which layers it replaces,
+its error on a tiny model, the --compare-bf16 report and the flags' error paths.
+
+On the CPU torch emulates float8 matmuls (torch._scaled_mm with rowwise scales), so all of it runs here. The error
+bounds are those of e4m3's 3-bit mantissa: a value rounds to within 2^-4 of itself, and a matmul of two rounded
+operands on random data comes out ~3.7% off (measured below). The last tests (marked cuda) check the GEMMs at
+FLUX.1-dev's shapes and the full-size compiled step on a GPU, and print their speed.
+"""
+
+import functools
+import json
+import math
+import re
+import statistics
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import optimized_inference as oi
+
+PROMPT = "A photo of a cat sitting on a red chair in the warm morning light"
+TINY = dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=32, pooled_projection_dim=24, axes_dims_rope=(4, 6, 6))
+CPU = oi.Options(attention="sdpa", compile=False, cuda_graphs=False)
+ADALN = ("norm1.linear", "norm1_context.linear", "norm.linear")  # the blocks' adaLN projections: stay bf16
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def random_linear(k: int, n: int, dtype=torch.float32, device="cpu", seed=0) -> nn.Linear:
+    """Weights like a trained layer's scale (N(0, 1/k)), never zero: zeros would make any error bound trivial."""
+    gen = torch.Generator(device).manual_seed(seed)
+    lin = nn.Linear(k, n, device=device, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen, device=device) / math.sqrt(k))
+        lin.bias.copy_(0.02 * torch.randn(n, generator=gen, device=device))
+    return lin
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# quantize_fp8 and Float8Linear
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_round_trip_error_bound(dtype):
+    gen = torch.Generator().manual_seed(0)
+    # Rows and columns of very different magnitudes (as activations have), so the per-row scales matter.
+    x = (torch.randn(256, 3072, generator=gen) * torch.exp(2 * torch.randn(256, 1, generator=gen))
+         * torch.exp(torch.randn(1, 3072, generator=gen))).to(dtype)
+    q, scale = oi.quantize_fp8(x)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape
+    assert scale.dtype == torch.float32 and scale.shape == (256, 1)
+    assert torch.equal(q.float().abs().amax(dim=-1), torch.full((256,), 448.0))  # each row uses the whole range
+    x, back = x.double(), q.double() * scale.double()
+    # Half a unit in the last place of a 3-bit mantissa: 2^-4 relative; below e4m3's smallest normal (2^-6, scaled)
+    # the spacing is fixed at 2^-9, so half of it, 2^-10 of the scale, absolute. Measured: 0.94 of this bound.
+    bound = 2**-4 * x.abs() + 2**-10 * scale.double()
+    assert ((back - x).abs() <= bound).all()
+    assert rel_err(back, x) < 0.03  # measured 0.026 (float32 and bf16 input)
+
+
+def test_quantize_zero_row_and_overflow():
+    x = torch.zeros(3, 32)
+    x[1] = torch.linspace(-5, 7, 32)
+    x[2] = 1e30  # far past e4m3's range before scaling
+    q, scale = oi.quantize_fp8(x)
+    assert torch.isfinite(q.float()).all() and torch.isfinite(scale).all()
+    assert (q[0].float() == 0).all()
+    assert (q[2].float() == 448).all() and torch.allclose(scale[2], torch.tensor([1e30 / 448]))
+
+
+@pytest.mark.parametrize("k,n", [(64, 48), (3072, 9216), (12288, 3072)])
+def test_float8_linear_matches_linear(k, n):
+    lin = random_linear(k, n)
+    x = torch.randn(2, 37, k, generator=torch.Generator().manual_seed(1))  # 3-D, tokens not a multiple of 16
+    f8 = oi.Float8Linear(lin)
+    assert f8.weight.dtype == torch.float8_e4m3fn and f8.weight.shape == (n, k)
+    assert f8.weight.t().stride() == (1, k)  # column-major second operand, as _scaled_mm needs it
+    assert f8.scale.dtype == torch.float32 and f8.scale.shape == (1, n)
+    assert f8.bias.dtype == torch.bfloat16
+    out = f8(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 37, n)
+    with torch.no_grad():
+        expected = lin(x)
+    # e4m3 against float32: measured 0.036-0.038 (both operands rounded, errors add in quadrature).
+    assert rel_err(out, expected) < 5e-2
+    # Against the same arithmetic written out (dequantized operands, float64): only the bf16 output rounding and
+    # float32 accumulation remain (measured 1.7e-3); a wrong scale layout or transposed operand would be far off.
+    qx, sx = oi.quantize_fp8(x.bfloat16().reshape(-1, k))
+    exact = (qx.double() * sx.double()) @ (f8.weight.double() * f8.scale.double().t()).t() + f8.bias.double()
+    assert rel_err(out.reshape(-1, n), exact) < 4e-3
+    # bf16 itself, for scale (measured 0.0029): fp8 is ~13x further from float32 than a bf16 linear layer.
+    assert rel_err(lin.bfloat16()(x.bfloat16()), expected) < 5e-3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# quantize_fp8_ on a tiny Flux
+# ----------------------------------------------------------------------------------------------------------------------
+def tiny_flux(opts=CPU, dtype=torch.bfloat16, modulation=10.0) -> oi.Flux:
+    """A tiny random Flux; its adaLN modulations scaled up to order 1 (init_random_ keeps them small), so that
+    every block, not only the embedder-to-projection path, shapes the velocity."""
+    with torch.device("meta"):
+        model = oi.Flux(oi.FluxConfig(**TINY), opts)
+    model = oi.init_random_(model.to_empty(device="cpu"), seed=3)
+    with torch.no_grad():
+        for norm in model.ada_norms:
+            norm.linear.weight.mul_(modulation)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def linear_names(model: nn.Module, kind) -> set[str]:
+    return {name for name, m in model.named_modules() if isinstance(m, kind)}
+
+
+@pytest.mark.parametrize("fused_qkv,expected", [(True, 20), (False, 34)], ids=["fused", "unfused"])
+def test_quantize_fp8_replaces_exactly_the_block_linears(fused_qkv, expected):
+    model = tiny_flux(oi.Options(fused_qkv=fused_qkv, attention="sdpa", compile=False, cuda_graphs=False))
+    before = linear_names(model, nn.Linear)
+    intended = {n for n in before if n.startswith(("transformer_blocks.", "single_transformer_blocks."))
+                and not n.endswith(ADALN)}
+    # Per double block: q/k/v (fused or not) and output of both streams, and both MLPs; per single block: q/k/v and
+    # the MLP input (fused or not) and the output projection.
+    assert len(intended) == expected
+    oi.quantize_fp8_(model)
+    assert linear_names(model, oi.Float8Linear) == intended
+    assert linear_names(model, nn.Linear) == before - intended
+    stay = {"x_embedder", "context_embedder", "proj_out", "norm_out.linear"}
+    assert stay <= linear_names(model, nn.Linear)  # outside the blocks: bf16
+    assert sum(n.endswith(ADALN) for n in linear_names(model, nn.Linear)) == 2 * 2 + 2  # every adaLN: bf16
+
+
+def test_keep_bf16_leaves_blocks_at_both_ends():
+    model = oi.quantize_fp8_(tiny_flux(), keep_bf16=1)  # 4 blocks: the first double and the last single stay
+    blocks = {".".join(name.split(".")[:2]) for name in linear_names(model, oi.Float8Linear)}
+    assert blocks == {"transformer_blocks.1", "single_transformer_blocks.0"}
+    assert len(linear_names(model, oi.Float8Linear)) == 8 + 2
+    assert not linear_names(oi.quantize_fp8_(tiny_flux(), keep_bf16=2), oi.Float8Linear)
+
+
+def inputs(batch=2, h=8, w=12, txt_len=7, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, (h // 2) * (w // 2), 16, generator=gen)
+    # Timesteps and guidance whose (x 1000) values bf16 represents exactly, so that bf16 and float32 models see the
+    # same conditioning and differ only in arithmetic.
+    cond = dict(txt=torch.randn(batch, txt_len, 32, generator=gen), txt_ids=torch.zeros(txt_len, 3),
+                img_ids=oi.image_ids(h, w, "cpu"), timestep=torch.tensor([0.5, 0.25]),
+                guidance=torch.full((batch,), 4.0), pooled=torch.randn(batch, 24, generator=gen))
+    return x, cond
+
+
+def velocity(model, x, cond, dtype=torch.bfloat16):
+    with torch.no_grad():
+        return oi.velocity(model, x.to(dtype), {k: v.to(dtype) if k in ("txt", "pooled") else v
+                                                for k, v in cond.items()})
+
+
+def test_quantized_velocity_close_to_bf16_and_float32():
+    fp32 = tiny_flux(dtype=torch.float32)
+    bf16 = tiny_flux()
+    fp8 = oi.quantize_fp8_(oi.bf16_twin(bf16))
+    x, cond = inputs()
+    v32, v16, v8 = velocity(fp32, x, cond, torch.float32), velocity(bf16, x, cond), velocity(fp8, x, cond)
+    assert v8.dtype == torch.bfloat16 and v8.shape == x.shape
+    # Measured: fp8 vs bf16 0.029, fp8 vs float32 0.029, bf16 vs float32 0.007 (20 fp8 layers in 4 blocks).
+    assert 1e-3 < rel_err(v8, v16) < 0.06
+    assert rel_err(v8, v32) < 0.06
+    assert rel_err(v16, v32) < 0.02
+    # Sensitivity: another timestep moves the velocity ~20x further than fp8 does.
+    other = velocity(bf16, x, dict(cond, timestep=torch.tensor([0.75, 0.125])))
+    assert rel_err(other, v16) > 10 * rel_err(v8, v16)
+
+
+def test_bf16_twin_shares_weights_and_stays_bf16():
+    model = tiny_flux()
+    twin = oi.bf16_twin(model)
+    for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items(), strict=True):
+        assert a.data_ptr() == b.data_ptr(), name  # no copy: --compare-bf16 costs only the fp8 weights
+    x, cond = inputs()
+    before = velocity(twin, x, cond)
+    oi.quantize_fp8_(model)
+    assert not linear_names(twin, oi.Float8Linear)
+    assert torch.equal(velocity(twin, x, cond), before)
+    assert torch.equal(velocity(oi.quantize_fp8_(oi.bf16_twin(twin), keep_bf16=2), x, cond), before)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PSNR and SSIM
+# ----------------------------------------------------------------------------------------------------------------------
+def test_psnr_and_ssim():
+    yy, xx = np.mgrid[:40, :56]
+    a = (127 + 100 * np.sin(xx / 7)[..., None] * np.cos(yy / 9)[..., None] * np.array([1.0, 0.5, -0.7]))
+    a = a.round().astype(np.uint8)
+    b = (a.astype(int) + (xx * 7 + yy * 13)[..., None] % 17 - 8).clip(0, 255).astype(np.uint8)
+    assert oi.psnr(a, a) == math.inf and oi.ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+    # scikit-image 0.26: structural_similarity(a, b, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+    # use_sample_covariance=False, data_range=255) and peak_signal_noise_ratio(a, b, data_range=255).
+    assert oi.ssim(a, b) == pytest.approx(0.892483898778358, abs=1e-8)
+    assert oi.psnr(a, b) == pytest.approx(34.32844884649342, abs=1e-9)
+    assert oi.ssim(b, a) == pytest.approx(oi.ssim(a, b), abs=1e-12)
+    # A batch [B, H, W, 3] averages over its images.
+    assert oi.ssim(np.stack([a, a]), np.stack([b, a])) == pytest.approx((0.892483898778358 + 1) / 2, abs=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The CLI on the tiny pipeline
+# ----------------------------------------------------------------------------------------------------------------------
+def cli_args(model_dir: str, output: str, *extra: str) -> list[str]:
+    return ["--prompt", PROMPT, "--model", model_dir, "--device", "cpu", "--dtype", "bfloat16", "--height", "40",
+            "--width", "56", "--steps", "3", "--max-sequence-length", "48", "--seed", "7", "--warmup", "0",
+            "--output", output, *extra]
+
+
+def test_cli_fp8_with_compare_bf16(tiny_pipeline_dir, tmp_path, capsys):
+    timings = tmp_path / "timings.json"
+    assert oi.main(cli_args(tiny_pipeline_dir, str(tmp_path / "fp8.png"), "--quantize", "fp8", "--compare-bf16",
+                            "--timings-json", str(timings))) == 0
+    out = capsys.readouterr().out
+    assert "fp8 linear layers=20" in out and "fused projections=6," in out
+    line = re.search(r"^fp8 vs bf16 \(eager, seed 7\): velocity relative error (\S+) at the first step, (\S+) at the "
+                     r"last \(max (\S+)\); image PSNR (\S+) dB, SSIM (\S+)$", out, re.MULTILINE)
+    assert line, out
+    report = json.loads(timings.read_text())["fp8_vs_bf16"]
+    first, last, worst = (report[f"velocity_rel_err_{k}"] for k in ("first_step", "last_step", "max"))
+    assert [float(v) for v in line.groups()] == pytest.approx(
+        [first, last, worst, report["image_psnr_db"], report["image_ssim"]], abs=1e-2)
+    # Measured on this tiny pipeline: velocity errors 0.031 (first step), 0.034 (last), PSNR 43.5 dB, SSIM 0.9995.
+    assert 1e-3 < first <= worst < 0.1 and 1e-3 < last <= worst
+    assert 25 < report["image_psnr_db"] < math.inf and 0.95 < report["image_ssim"] < 1
+
+
+def test_cli_fp8_image_close_to_bf16(tiny_pipeline_dir, tmp_path, capsys):
+    paths = [str(tmp_path / name) for name in ("bf16.png", "fp8.png", "keep.png")]
+    assert oi.main(cli_args(tiny_pipeline_dir, paths[0])) == 0
+    assert oi.main(cli_args(tiny_pipeline_dir, paths[1], "--quantize", "fp8")) == 0
+    assert oi.main(cli_args(tiny_pipeline_dir, paths[2], "--quantize", "fp8", "--fp8-keep-bf16", "1")) == 0
+    evidence = [line for line in capsys.readouterr().out.splitlines() if line.startswith("optimizations:")]
+    assert [line.rsplit(", ", 1)[1] for line in evidence] == [
+        "fp8 linear layers=0", "fp8 linear layers=20", "fp8 linear layers=10"]
+    bf16, fp8, keep = (np.asarray(Image.open(p).convert("RGB")) for p in paths)
+    assert bf16.std() > 10
+    assert 25 < oi.psnr(fp8, bf16) < math.inf and 25 < oi.psnr(keep, bf16) < math.inf
+
+
+ERRORS = {
+    "compare-without-fp8": (["--compare-bf16"], "--compare-bf16 measures fp8's error: it needs --quantize fp8"),
+    "keep-without-fp8": (["--fp8-keep-bf16", "1"], "--fp8-keep-bf16 needs --quantize fp8"),
+    "keep-negative": (["--quantize", "fp8", "--fp8-keep-bf16", "-1"], "--fp8-keep-bf16 must be >= 0"),
+    "fp8-float32": (["--quantize", "fp8", "--dtype", "float32"], "not --dtype float32"),
+    "compare-prompts-file": (["--quantize", "fp8", "--compare-bf16", "--prompts-file", "p.txt"],
+                             "--compare-bf16 measures one --prompt"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_flag_errors_are_one_line(case, tmp_path, capsys):
+    extra, message = ERRORS[case]
+    assert oi.main(cli_args(str(tmp_path / "no-model"), str(tmp_path / "out.png"), *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_fp8_on_gpu_without_fp8_is_one_line_error(tmp_path, capsys, monkeypatch):
+    """An A100 (compute capability 8.0) has no float8 tensor cores: refused before any weight is loaded."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    args = cli_args(str(tmp_path / "no-model"), str(tmp_path / "out.png"), "--quantize", "fp8")
+    args[args.index("--device") + 1] = "cuda"
+    assert oi.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --quantize fp8 needs float8 tensor cores (compute capability 8.9 or newer, e.g. L4, "
+                   "H100); NVIDIA A100-SXM4-80GB has 8.0"]
+
+
+def test_fp8_without_scaled_mm_is_one_line_error(tmp_path, capsys, monkeypatch):
+    def missing(*args, **kwargs):
+        raise NotImplementedError("Could not run 'aten::_scaled_mm' with arguments from the 'CPU' backend.\nmore")
+
+    monkeypatch.setattr(torch, "_scaled_mm", missing)
+    assert oi.main(cli_args(str(tmp_path / "no-model"), str(tmp_path / "out.png"), "--quantize", "fp8")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --quantize fp8: torch ") and "'CPU' backend." in err[0]
+
+
+def test_quantize_flags_and_defaults():
+    parser = oi.build_parser()
+    args = parser.parse_args(["--prompt", "x"])
+    assert (args.quantize, args.fp8_keep_bf16, args.compare_bf16) == ("none", 0, False)
+    assert oi.Options() == oi.Options(**{f: getattr(args, f) for f in ("quantize", "fp8_keep_bf16", "compare_bf16")})
+    assert parser.parse_args(["--prompt", "x", "--quantize", "fp8"]).quantize == "fp8"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--prompt", "x", "--quantize", "int8"])
+    help_text = " ".join(parser.format_help().split())
+    assert "--quantize {none,fp8}" in help_text and "(default: none)" in help_text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU: FLUX.1-dev's GEMMs and the full-size compiled step (run on the device: pytest -m cuda -s tests/test_fp8.py)
+# ----------------------------------------------------------------------------------------------------------------------
+# (tokens, in, out) of every linear layer in the blocks at 1024x1024 with 512 text tokens: double blocks' image
+# stream (4096 tokens) and text stream (512), single blocks (4608).
+FLUX_GEMMS = [(4096, 3072, 9216), (4096, 3072, 3072), (4096, 3072, 12288), (4096, 12288, 3072),
+              (512, 3072, 9216), (512, 3072, 3072), (512, 3072, 12288), (512, 12288, 3072),
+              (4608, 3072, 21504), (4608, 15360, 3072)]
+
+
+def cuda_ms(fn, warmup=5, iters=20) -> float:
+    """Median GPU time of fn() in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fast_accum", [True, False], ids=["fast-accum", "fp32-accum"])
+@torch.no_grad()
+def test_float8_linear_at_flux_shapes_cuda(fast_accum, monkeypatch, record_property):
+    """Error against float32 and speed against bf16 for every GEMM shape of a step; random data, never zeros."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no float8 tensor cores on this GPU")
+    monkeypatch.setattr(oi, "FP8_FAST_ACCUM", fast_accum)
+    rows = []
+    for m, k, n in FLUX_GEMMS:
+        lin = random_linear(k, n, torch.bfloat16, "cuda")
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        f8 = oi.Float8Linear(lin)
+        compiled = torch.compile(f8, fullgraph=True)  # as in the step: quantization fused into one kernel
+        expected = x.float() @ lin.weight.float().t() + lin.bias.float()
+        err_bf16, err_fp8, err_compiled = (rel_err(f(x), expected) for f in (lin, f8, compiled))
+        assert err_fp8 < 5e-2 and err_compiled < 5e-2 and err_bf16 < 1e-2
+        qx, sx = oi.quantize_fp8(x)
+        flop = 2 * m * k * n
+        gemm_only = functools.partial(torch._scaled_mm, qx, f8.weight.t(), scale_a=sx, scale_b=f8.scale,
+                                      bias=f8.bias, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+        timed = {"bf16": functools.partial(lin, x), "fp8_gemm": gemm_only,
+                 "fp8_compiled": functools.partial(compiled, x)}
+        tflops = {name: flop / cuda_ms(fn) / 1e9 for name, fn in timed.items()}
+        rows.append(dict(shape=(m, k, n), err_bf16=err_bf16, err_fp8=err_fp8, err_compiled=err_compiled, **tflops))
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, use_fast_accum={fast_accum}")
+    print(f"{'tokens x in -> out':>22} {'err bf16':>9} {'err fp8':>8} {'TFLOP/s bf16':>13} {'fp8 gemm':>9} "
+          f"{'fp8 +quant (compiled)':>22}")
+    for r in rows:
+        m, k, n = r["shape"]
+        print(f"{f'{m} x {k} -> {n}':>22} {r['err_bf16']:9.4f} {r['err_fp8']:8.4f} {r['bf16']:13.0f} "
+              f"{r['fp8_gemm']:9.0f} {r['fp8_compiled']:22.0f}")
+    record_property("fp8_gemms", rows)
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_full_size_fp8_step_cuda(record_property):
+    """FLUX.1-dev size, random weights: the compiled, CUDA-graphed fp8 step against the eager fp8 and bf16 models,
+    and its time per step (x 28: the denoiser time to hold against the issue's 2.3 s on an H100)."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no float8 tensor cores on this GPU")
+    opts = oi.effective_options(oi.Options(quantize="fp8"), torch.device("cuda"))
+    cfg = oi.CONFIGS["flux-dev"]
+    with oi.default_dtype(torch.bfloat16):
+        with torch.device("meta"):
+            bf16 = oi.Flux(cfg, opts)
+        bf16 = oi.init_random_(bf16.to_empty(device="cuda")).eval().requires_grad_(False)
+    fp8 = oi.quantize_fp8_(oi.bf16_twin(bf16))
+    oi.configure_inductor(opts)
+    pipe = oi.Pipeline(cfg, fp8, None, None, None, None, None, "random", torch.device("cuda"), torch.bfloat16, opts)
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(1, 4096, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    txt = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+    pooled = torch.randn(1, 768, device="cuda", dtype=torch.bfloat16, generator=gen)
+    t, g = torch.full((1,), 0.5, device="cuda"), torch.full((1,), 3.5, device="cuda")
+    cond = fp8.condition(txt, torch.zeros(512, 3, device="cuda"), oi.image_ids(128, 128, "cuda"), t, g, pooled)
+    v16, v8 = bf16(x, **cond), fp8(x, **cond)
+    one = torch.ones((), device="cuda")  # with dt = 1 the Euler step returns x + v
+    step = oi.step_function(pipe, x, one, cond)
+    assert isinstance(step, oi.CUDAGraphStep)
+    v_graphed = step(x, one, cond).float() - x.float()
+    err_fp8, err_graphed = rel_err(v8, v16), rel_err(v_graphed, v8)
+    step_ms = cuda_ms(lambda: step(x, one, cond), warmup=3, iters=10)
+    print(f"\nfull size, random weights: velocity rel. error fp8 vs bf16 {err_fp8:.4f}, graphed vs eager fp8 "
+          f"{err_graphed:.4f}; compiled fp8 step {step_ms:.1f} ms, x 28 = {28 * step_ms / 1000:.2f} s")
+    record_property("fp8_full_size", dict(err_fp8=err_fp8, err_graphed=err_graphed, step_ms=step_ms))
+    assert torch.isfinite(v8).all() and v16.float().std() > 0.1
+    assert err_fp8 < 0.1
+    # bf16 rounding of x + v, and the compiled step quantizing float32 activations where eager rounds them to bf16
+    # first (test_gpu.py holds the bf16 step to 2e-2 for the first part alone).
+    assert err_graphed < 3e-2
