@@ -17,11 +17,13 @@ Rows (--configs takes a comma-separated list; all of them by default, in this or
   opt+fused-qkv .. opt+attention  the ladder: each rung switches on one more optimization (see LADDER); the last
                                   rung is the whole optimized script at the same T5 length as every row above
   opt-text128 .. opt-text512      the whole optimized script at a fixed T5 length of 128 .. 512 tokens (a bucket)
+  opt-fp8, opt-fp8-keep1          the whole optimized script with fp8 linear layers (--quantize fp8), and with the
+                                  first and last block kept in bf16; % of roofline is against the bf16 matmul rate
 
 Wall time per row on an H100 at the defaults: about 1 minute for an eager row (building the model, a warm-up and
 three runs); the compiled rows (diffusers-compile, diffusers-fused-cudnn-compile, opt+compile and every opt row
-after it) add 2.5-4 minutes of compilation each, since no row reuses another's cache. All 15 rows take about
-40 minutes; pick rows with --configs for less.
+after it) add 2.5-4 minutes of compilation each, since no row reuses another's cache. The 15 bf16 rows take about
+40 minutes (the two fp8 rows, not yet timed, likely 4 minutes each); pick rows with --configs for less.
 
 Before the rows, on a GPU, the roofline is measured in this process: the bf16 matmul rate at FLUX's shapes and
 the attention rate of the cuDNN and flash kernels. Each row then reports its achieved TFLOP/s in the denoiser and
@@ -121,6 +123,9 @@ ROWS = {
     # A text bucket is a fixed T5 length; buckets off, so the length is exactly the one given.
     **{f"opt-text{n}": Row("optimized_inference.py", ("--no-text-buckets",), text_tokens=n)
        for n in (128, 256, 384, 512)},
+    # fp8 linear layers in the blocks (opt-in, needs compute capability 8.9+); "keep1": first and last block in bf16.
+    "opt-fp8": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8")),
+    "opt-fp8-keep1": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8", "--fp8-keep-bf16", "1")),
 }
 
 

@@ -247,7 +247,8 @@ def resolve_attention(backend: str, device: torch.device) -> str:
 
 def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
     """Cut x into N equal pieces along scatter_dim, send piece i to rank i of `group`, and join the N pieces received
-    along gather_dim in rank order. A functional collective: torch.compile traces it and a CUDA graph captures it."""
+    along gather_dim in rank order. A functional collective, so torch.compile traces it into the step's one graph
+    (and a CUDA graph can capture it) instead of breaking the graph there as torch.distributed.all_to_all would."""
     pieces = torch.stack(x.chunk(group.size(), dim=scatter_dim))  # [N, ...]: piece i goes to rank i
     pieces = funcol.all_to_all_single(pieces, None, None, group)  # [N, ...]: piece i came from rank i
     return torch.cat(pieces.unbind(0), dim=gather_dim)
@@ -434,8 +435,9 @@ class FeedForward(nn.Module):
         return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
 
 
-# fp8 tensor cores sum products in a narrower accumulator than float32; "fast" never promotes the partial sums to
-# float32 inside the kernel (the other mode does, every few products, at some speed).
+# Hopper's fp8 tensor cores accumulate with fewer bits than float32. "Fast" accumulation keeps the sums there for the
+# whole reduction; the slower mode adds them into float32 registers every few steps. Fast is the usual choice for
+# inference; the GPU test in tests/test_fp8.py measures the error and speed of both.
 FP8_FAST_ACCUM = True
 
 
@@ -839,8 +841,8 @@ def quantize_fp8_(model: Flux, keep_bf16: int = 0) -> Flux:
 
 
 def bf16_twin(model: Flux) -> Flux:
-    """A second Flux over the very same weight tensors (no copy): quantizing `model` afterwards leaves it in bf16,
-    for --compare-bf16 at the cost of the fp8 weights only (8.6 GB at FLUX.1-dev size)."""
+    """A second Flux over the very same weight tensors (no copy): quantizing `model` afterwards leaves the twin in
+    bf16, so --compare-bf16 costs only the fp8 weights (8.6 GB at FLUX.1-dev size)."""
     with torch.device("meta"):
         twin = Flux(model.cfg, model.opts)
     twin.load_state_dict(model.state_dict(), assign=True)
@@ -1219,6 +1221,7 @@ def enable_context_parallel(pipe: Pipeline, group: dist.ProcessGroup) -> None:
     for module in pipe.transformer.modules():
         if isinstance(module, (DoubleAttention, SingleAttention)):
             module.group = group
+    print(f"context parallel over {n} processes: each holds 1/{n} of the tokens and attends with {heads // n} heads")
 
 
 def shard_tokens(x, txt, txt_ids, img_ids, group: dist.ProcessGroup) -> list[torch.Tensor]:
@@ -1345,6 +1348,8 @@ def compare_bf16(pipe: Pipeline, req: Request) -> dict:
 
     Both run eagerly (no compile, no CUDA graphs), so fp8 is the only difference between them: the velocity error
     along the bf16 trajectory (Tandem), and PSNR and SSIM of the fp8 image against the bf16 image of the same seed.
+    The compiled fp8 step rounds some values the other way (it quantizes activations that eager first rounds to
+    bf16), at the same error level: it measures the error, not the very pixels of the compiled run.
     """
     eager = dataclasses.replace(pipe.opts, compile=False, cuda_graphs=False)
     tandem = Tandem(pipe.bf16_transformer, pipe.transformer)
@@ -1495,6 +1500,8 @@ class Timer:
 
 def timed_runs(pipe: Pipeline, req: Request, warmup: int, runs: int):
     """Warm-up runs, then `runs` timed runs; returns the last images and per-run component times."""
+    if pipe.device.type == "cuda":  # report the peak of generating (weights included), not of loading
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(warmup):
         generate(pipe, req, Timer(pipe.device))

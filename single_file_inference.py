@@ -710,6 +710,8 @@ class Timer:
 
 def timed_runs(pipe: Pipeline, req: Request, warmup: int, runs: int):
     """Warm-up runs, then `runs` timed runs; returns the last images and per-run component times."""
+    if pipe.device.type == "cuda":  # report the peak of generating (weights included), not of loading
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(warmup):
         generate(pipe, req, Timer(pipe.device))

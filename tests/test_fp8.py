@@ -11,7 +11,6 @@ import functools
 import json
 import math
 import re
-import statistics
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 import optimized_inference as oi
+from benchmark import cuda_seconds
 
 PROMPT = "A photo of a cat sitting on a red chair in the warm morning light"
 TINY = dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
@@ -308,21 +308,6 @@ FLUX_GEMMS = [(4096, 3072, 9216), (4096, 3072, 3072), (4096, 3072, 12288), (4096
               (4608, 3072, 21504), (4608, 15360, 3072)]
 
 
-def cuda_ms(fn, warmup=5, iters=20) -> float:
-    """Median GPU time of fn() in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("fast_accum", [True, False], ids=["fast-accum", "fp32-accum"])
 @torch.no_grad()
@@ -346,7 +331,7 @@ def test_float8_linear_at_flux_shapes_cuda(fast_accum, monkeypatch, record_prope
                                       bias=f8.bias, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
         timed = {"bf16": functools.partial(lin, x), "fp8_gemm": gemm_only,
                  "fp8_compiled": functools.partial(compiled, x)}
-        tflops = {name: flop / cuda_ms(fn) / 1e9 for name, fn in timed.items()}
+        tflops = {name: flop / cuda_seconds(fn) / 1e12 for name, fn in timed.items()}
         rows.append(dict(shape=(m, k, n), err_bf16=err_bf16, err_fp8=err_fp8, err_compiled=err_compiled, **tflops))
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, use_fast_accum={fast_accum}")
     print(f"{'tokens x in -> out':>22} {'err bf16':>9} {'err fp8':>8} {'TFLOP/s bf16':>13} {'fp8 gemm':>9} "
@@ -385,13 +370,13 @@ def test_full_size_fp8_step_cuda(record_property):
     step = oi.step_function(pipe, x, one, cond)
     assert isinstance(step, oi.CUDAGraphStep)
     v_graphed = step(x, one, cond).float() - x.float()
-    err_fp8, err_graphed = rel_err(v8, v16), rel_err(v_graphed, v8)
-    step_ms = cuda_ms(lambda: step(x, one, cond), warmup=3, iters=10)
-    print(f"\nfull size, random weights: velocity rel. error fp8 vs bf16 {err_fp8:.4f}, graphed vs eager fp8 "
-          f"{err_graphed:.4f}; compiled fp8 step {step_ms:.1f} ms, x 28 = {28 * step_ms / 1000:.2f} s")
+    err_fp8, err_graphed = rel_err(v8, v16), rel_err(v_graphed, v16)
+    step_ms = 1000 * cuda_seconds(functools.partial(step, x, one, cond), warmup=3, iters=10)
+    print(f"\nfull size, random weights: velocity rel. error vs bf16: eager fp8 {err_fp8:.4f}, compiled and graphed "
+          f"fp8 {err_graphed:.4f}; fp8 step {step_ms:.1f} ms, x 28 = {28 * step_ms / 1000:.2f} s")
     record_property("fp8_full_size", dict(err_fp8=err_fp8, err_graphed=err_graphed, step_ms=step_ms))
     assert torch.isfinite(v8).all() and v16.float().std() > 0.1
     assert err_fp8 < 0.1
-    # bf16 rounding of x + v, and the compiled step quantizing float32 activations where eager rounds them to bf16
-    # first (test_gpu.py holds the bf16 step to 2e-2 for the first part alone).
-    assert err_graphed < 3e-2
+    # The compiled step quantizes float32 activations where eager rounds them to bf16 first: other roundings, the
+    # same error level (tiny model on the CPU: 0.027 compiled, 0.029 eager). Plus bf16 rounding of x + v.
+    assert err_graphed < 1.5 * err_fp8 + 1e-2

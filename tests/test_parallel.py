@@ -115,7 +115,7 @@ def test_velocity_matches_single_process(parallel_results):
         # Each rank holds half of the 24 image and 6 text tokens, and the RoPE rows of its 3 + 12 tokens.
         assert r["shard_shapes"] == ((BATCH, 12, 16), (BATCH, 3, 32), (15, 8)), rank
         assert r["velocity"] < 1e-5, (rank, r["velocity"])
-        assert r["local_only"] > 1e-2, (rank, r["local_only"])
+        assert r["local_only"] > 1e-3, (rank, r["local_only"])  # measured 1.6e-2, the split 7e-8
 
 
 def test_compiled_step_matches_eager(parallel_results):
