@@ -19,6 +19,7 @@ from transformers import T5TokenizerFast
 
 import optimized_inference as oi
 import single_file_inference as sfi
+from tests.helpers import max_pixel_diff, read_png
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "A photo of a cat sitting on a red chair in the warm morning light"
@@ -216,16 +217,6 @@ def cli_args(model_dir: str, output: str, *extra: str) -> list[str]:
     return ["--prompt", PROMPT, "--model", model_dir, "--device", "cpu", "--dtype", "float32",
             "--height", str(HEIGHT), "--width", str(WIDTH), "--steps", str(STEPS), "--guidance", str(GUIDANCE),
             "--max-sequence-length", str(MAX_SEQ), "--seed", str(SEED), "--output", output, *extra]
-
-
-def read_png(path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:
-    assert a.shape == b.shape
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
 def recording(module, decoded: list):

@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import optimized_inference as opt
+from tests.helpers import max_pixel_diff, read_png
 
 DEFAULTS = dict(prompt_2=None, seed=10, height=40, width=56, steps=2, guidance=3.5)
 TINY_ARGS = ["--device", "cpu", "--dtype", "float32", "--max-sequence-length", "48", "--no-text-buckets"]
@@ -55,10 +56,6 @@ def test_batches_group_consecutive_jobs_of_one_shape():
     assert [len(b) for b in opt.batches(jobs, 1)] == [1] * 6
 
 
-def read(path):
-    return np.array(Image.open(path)).astype(int)
-
-
 def test_prompts_file_batched_equals_one_by_one(tiny_pipeline_dir, tmp_path, capsys):
     """Images from a batched forward are the images each prompt and seed gives alone; bad lines are skipped."""
     prompts = tmp_path / "prompts.txt"
@@ -75,7 +72,7 @@ def test_prompts_file_batched_equals_one_by_one(tiny_pipeline_dir, tmp_path, cap
         prompt = "a red cat" if name.startswith("0000") else "a blue dog"
         assert opt.main(["--model", tiny_pipeline_dir, "--prompt", prompt, "--seed", name[5], "--steps", "2",
                          "--height", "40", "--width", "56", "--output", str(alone), *TINY_ARGS]) == 0
-        assert np.abs(read(tmp_path / "b2" / name) - read(alone)).max() <= 1
+        assert max_pixel_diff(read_png(tmp_path / "b2" / name), read_png(alone)) <= 1
     assert Image.open(tmp_path / "b2" / "0002-5.png").size == (48, 64)
     meta = Image.open(tmp_path / "b2" / "0001-5.png").text
     assert (meta["prompt"], meta["seed"], meta["size"]) == ("a blue dog", "5", "56x40")
@@ -166,7 +163,7 @@ def test_bfl_single_file_checkpoint_gives_the_same_image(tiny_pipeline_dir, tmp_
         assert opt.main(["--model", tiny_pipeline_dir, *common, "--output", str(tmp_path / "dir.png")]) == 0
         assert opt.main(["--model", str(checkpoint), "--text-encoders-from", tiny_pipeline_dir, *common,
                          "--output", str(tmp_path / "bfl.png")]) == 0
-        assert np.array_equal(read(tmp_path / "dir.png"), read(tmp_path / "bfl.png"))
+        assert np.array_equal(read_png(tmp_path / "dir.png"), read_png(tmp_path / "bfl.png"))
     config = json.load(open(os.path.join(tiny_pipeline_dir, "transformer", "config.json")))
     cfg = opt.config_from_bfl(bfl_state, {})
     assert (cfg.num_layers, cfg.num_single_layers, cfg.num_attention_heads, cfg.guidance_embeds) == (

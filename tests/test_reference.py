@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import T5TokenizerFast
 
 import single_file_inference as sfi
+from tests.helpers import max_pixel_diff, read_png
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "A photo of a cat sitting on a red chair in the warm morning light"
@@ -70,16 +71,6 @@ def diffusers_images(model_dir: str, seeds=(SEED,), output_type: str = "np"):
                   max_sequence_length=MAX_SEQ, num_images_per_prompt=len(seeds),
                   generator=generators[0] if len(seeds) == 1 else generators, output_type=output_type).images
     return images if output_type == "latent" else (images * 255).round().astype(np.uint8)
-
-
-def read_png(path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:
-    assert a.shape == b.shape
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
