@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
-# Usage: bash gpu_checks.sh [tests] [reference] [optimized] [bench CONFIGS]   (default: all but bench)
+# Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [parallel] [bench CONFIGS]
+# (default: tests reference optimized)
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then  # diffusers is not on the device image
@@ -22,13 +23,37 @@ while [ ${#steps[@]} -gt 0 ]; do
                  --timings-json "$OUT/reference.json" --output "$OUT/reference.png" 2>&1 | tee "$OUT/reference.log" || status=1 ;;
     optimized) python3 optimized_inference.py --random-weights --prompt "$PROMPT" --no-text-buckets --runs 3 \
                  --timings-json "$OUT/optimized.json" --output "$OUT/optimized.png" --profile "$OUT/profile.json" 2>&1 | tee "$OUT/optimized.log" || status=1 ;;
+    prompts)  # issue 5: 8 prompts over 3 sizes in one process, then cold vs warm time to first image
+      python3 - "$OUT/prompts.jsonl" <<'PY'
+import json, sys
+sizes = [(1024, 1024), (768, 1360), (1360, 768)]
+with open(sys.argv[1], "w") as f:
+    for i in range(8):
+        h, w = sizes[i * len(sizes) // 8]
+        f.write(json.dumps({"prompt": f"prompt {i}: a lighthouse on a cliff, storm", "height": h, "width": w}) + "\n")
+PY
+      python3 optimized_inference.py --random-weights --prompts-file "$OUT/prompts.jsonl" --batch-size 2 \
+        --output-dir /tmp/prompts-out --compile-cache /tmp/cc-prompts 2>&1 | tee "$OUT/prompts.log" || status=1
+      for run in cold warm; do  # a whole process: model build, compile (from the cache when warm), one image
+        t0=$(date +%s.%N)
+        python3 optimized_inference.py --random-weights --prompt "a lighthouse" --warmup 0 --runs 1 \
+          --output /tmp/ttfi.png --compile-cache /tmp/cc-ttfi 2>&1 | tail -5 | tee -a "$OUT/ttfi.log" || status=1
+        echo "$run time to first image: $(python3 -c "import time; print(round(time.time() - $t0, 1))") s" \
+          | tee -a "$OUT/ttfi.log"
+      done ;;
+    parallel)  # issue 7: the same request on 1, 2 and 4 GPUs (a multi-GPU kind)
+      for n in 1 2 4; do
+        torchrun --standalone --nproc-per-node $n optimized_inference.py --random-weights --prompt "$PROMPT" \
+          --no-text-buckets --runs 3 --output "$OUT/cp$n.png" --timings-json "$OUT/cp$n.json" 2>&1 \
+          | tee "$OUT/cp$n.log" || status=1
+      done ;;
     bench) configs=${steps[0]}; steps=("${steps[@]:1}")
            python3 benchmark.py --random-weights --configs "$configs" --out-dir "$OUT/bench" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
   echo "== $step: $(( $(date +%s) - start ))s"
 done
-for f in "$OUT"/reference.json "$OUT"/optimized.json; do
+for f in "$OUT"/reference.json "$OUT"/optimized.json "$OUT"/cp*.json; do
   [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], *(f'{k}={d[k][\"median\"]:.3f}s' for k in ('text_encoders','denoiser','vae','end_to_end')), f'warmup={d[\"warmup_s\"]:.1f}s peak={d.get(\"peak_mem_GiB\",0):.1f}GiB')" "$f"
 done
 exit $status
