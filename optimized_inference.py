@@ -24,8 +24,11 @@ The pipeline, top to bottom:
   4. unpack the latents and decode them to pixels with the VAE.
 
 The transformer and the sampler are written out here; tokenizers, text encoders and the VAE come from
-transformers and diffusers. `optimized_inference.py` mirrors this file section by section, so
-`diff single_file_inference.py optimized_inference.py` reads as the list of optimizations.
+transformers and diffusers. This file mirrors single_file_inference.py section by section, so
+`diff single_file_inference.py optimized_inference.py` reads as the list of optimizations. Beyond one image:
+`--prompts-file` (many prompts, sizes and seeds in one process, batched), BFL single-file checkpoints
+(`--model flux1-dev.safetensors --text-encoders-from ...`), and `torchrun --nproc-per-node N` (each image's tokens
+shared by N GPUs).
 """
 
 from __future__ import annotations
