@@ -7,8 +7,6 @@ import dataclasses
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,9 +17,8 @@ from transformers import T5TokenizerFast
 
 import optimized_inference as oi
 import single_file_inference as sfi
-from tests.helpers import max_pixel_diff, read_png
+from tests.helpers import assert_clean_error, max_pixel_diff, read_png, run_script
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "A photo of a cat sitting on a red chair in the warm morning light"
 HEIGHT, WIDTH, STEPS, GUIDANCE, SEED, MAX_SEQ = 40, 56, 3, 3.5, 7, 48
 
@@ -408,11 +405,6 @@ def test_attention_resolves_to_sdpa_on_cpu(capsys):
             oi.effective_options(oi.Options(attention=backend), torch.device("cpu"))
 
 
-def run_script(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "optimized_inference.py", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def broken_model_dirs(tiny_pipeline_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("broken_models")
@@ -456,14 +448,7 @@ def check_bad_input(extra, needles, tiny_dir, broken, tmp_path):
         else:
             args += extra[i:i + 1 + takes_value]
         i += 1 + takes_value
-    proc = run_script(args)
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error:"), proc.stderr
-    assert sum(line.startswith("error:") for line in lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[-1], lines[-1]
+    assert_clean_error(run_script("optimized_inference.py", args), *needles)
     assert os.listdir(out_dir) == []
     assert not os.path.exists(str(out_dir) + ".tmp")
 

@@ -19,8 +19,8 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import optimized_inference as oi
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
 
 # 4 heads, so that each of the 2 ranks gets 2 and the head order inside a rank's share is exercised too.

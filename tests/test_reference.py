@@ -3,8 +3,6 @@
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,9 +15,8 @@ from safetensors.torch import load_file, save_file
 from transformers import T5TokenizerFast
 
 import single_file_inference as sfi
-from tests.helpers import max_pixel_diff, read_png
+from tests.helpers import assert_clean_error, max_pixel_diff, read_png, run_script
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "A photo of a cat sitting on a red chair in the warm morning light"
 # Non-square, a multiple of 8 (the tiny VAE's scale factor 4 times the 2x2 packing): latent grid 10x14.
 HEIGHT, WIDTH, STEPS, GUIDANCE, SEED, MAX_SEQ = 40, 56, 3, 3.5, 7, 48
@@ -327,23 +324,6 @@ def test_strict_loading_names_the_offending_key(problem):
 # ----------------------------------------------------------------------------------------------------------------------
 # Bad input: one line on stderr, a non-zero exit status, no output file
 # ----------------------------------------------------------------------------------------------------------------------
-def run_script(script: str, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-
-
-def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """Non-zero exit, no traceback, exactly one `error:` line and it is the last line on stderr (library warnings
-    and progress bars before it are tolerated). Returns that line."""
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error:"), proc.stderr
-    assert sum(line.startswith("error:") for line in lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[-1], lines[-1]
-    return lines[-1]
-
-
 @pytest.fixture(scope="module")
 def broken_model_dirs(tiny_pipeline_dir, tmp_path_factory):
     """Copies of the tiny pipeline: one without its VAE, one with a renamed transformer key, one missing a config."""
