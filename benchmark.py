@@ -123,6 +123,10 @@ ROWS = {
     # A text bucket is a fixed T5 length; buckets off, so the length is exactly the one given.
     **{f"opt-text{n}": Row("optimized_inference.py", ("--no-text-buckets",), text_tokens=n)
        for n in (128, 256, 384, 512)},
+    # The whole step as one compiled graph instead of one graph per block kind: fusion across blocks, longer compile.
+    "opt-whole-step": Row("optimized_inference.py", ("--no-text-buckets", "--no-regional-compile")),
+    # Inductor's coordinate-descent and GEMM autotuning (opt-in: more compile time).
+    "opt-tuned": Row("optimized_inference.py", ("--no-text-buckets", "--inductor-tuning")),
     # fp8 linear layers in the blocks (opt-in, needs compute capability 8.9+); "keep1": first and last block in bf16.
     "opt-fp8": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8")),
     "opt-fp8-keep1": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8", "--fp8-keep-bf16", "1")),

@@ -4,7 +4,8 @@
 # (default: tests reference optimized)
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then  # diffusers is not on the device image
+# diffusers is not on the device image (a caller running several of these at once installs it first)
+if ! python3 -c "import diffusers" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi

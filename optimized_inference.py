@@ -5,10 +5,12 @@
 Same pipeline and CLI as single_file_inference.py, plus these optimizations, each on by default with a --no-... flag:
   --no-bf16-rope          RoPE tables and rotation in bf16 (the reference rotates in float32)
   --no-fused-qkv          q/k/v as one matmul per stream; in single blocks q/k/v and the MLP input as one matmul
-  --no-euler-in-graph     the Euler update inside the compiled step, fused with the last projection
+  --no-euler-in-graph     the Euler update inside the graphed step (fused with the last projection by
+                          --no-regional-compile's whole-step graph)
   --no-precompute         RoPE tables, text projection and every block's adaLN modulation for all steps once per
                           request, outside the step loop
   --no-compile            torch.compile of the step (and of the VAE decoder) with tuned inductor flags
+  --no-regional-compile   compile the blocks, two graphs shared by all 57, instead of the whole step as one graph
   --no-cuda-graphs        one CUDA graph per shape, replayed every step: no per-kernel launch cost
   --attention sdpa        the attention kernel: auto picks cuDNN (or FlashAttention-3/2 when installed) on the GPU
   --no-text-buckets       T5 length rounded up to a multiple of 128 instead of always 512
@@ -140,6 +142,7 @@ class Options:
     euler_in_graph: bool = True
     precompute: bool = True
     compile: bool = True
+    regional_compile: bool = True
     cuda_graphs: bool = True
     attention: str = "auto"
     text_buckets: bool = True
@@ -995,8 +998,7 @@ def load_pipeline(model: str, device, dtype, opts: Options, random_weights: bool
     if opts.channels_last_vae:
         vae.to(memory_format=torch.channels_last)
     if opts.compile:
-        configure_inductor(opts)
-        vae.decode = torch.compile(vae.decode, fullgraph=True)
+        compile_at_load(transformer, vae, opts)
     return Pipeline(cfg, transformer, clip, t5, clip_tok, t5_tok, vae, name, torch.device(device), dtype, opts,
                     offload_text_encoders=offload_text_encoders, bf16_transformer=bf16_transformer)
 
@@ -1038,6 +1040,27 @@ def configure_inductor(opts: Options) -> None:
             config.triton.enable_persistent_tma_matmul = True
 
 
+def compile_at_load(transformer: Flux, vae: nn.Module, opts: Options) -> None:
+    """What torch.compile wraps before the first request: the VAE decoder and, by default, the blocks.
+    (With --no-regional-compile the whole step is compiled per shape instead, in step_function.)"""
+    configure_inductor(opts)
+    vae.decode = torch.compile(vae.decode, fullgraph=True)
+    if opts.regional_compile:
+        compile_blocks(transformer)
+
+
+def compile_blocks(model: Flux) -> None:
+    """Regional compilation: compile each block rather than the whole step.
+
+    Dynamo reuses a compiled graph for every module of the same structure and shapes (the weights are graph inputs),
+    so the 19 double blocks share one graph and the 38 single blocks another: two blocks' worth of compiling instead
+    of 57. The few ops between blocks (embedders, final layer, Euler update) run eagerly inside the CUDA graph; what
+    is lost is fusion across block boundaries, which BENCHMARKS.md measures against --no-regional-compile.
+    """
+    for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+        block.compile(fullgraph=True, dynamic=False)
+
+
 def effective_options(opts: Options, device: torch.device) -> Options:
     """Switch off what needs CUDA, with a notice, and name the attention kernel that `auto` resolves to."""
     if device.type != "cuda" and (opts.compile or opts.cuda_graphs):
@@ -1072,8 +1095,10 @@ def describe(pipe: Pipeline) -> str:
                 for name in ("to_qkv", "to_added_qkv", "to_qkv_mlp"))
     fp8 = sum(isinstance(m, Float8Linear) for m in model.modules())
     rope_dtype = str(pipe.dtype).removeprefix("torch.") if opts.bf16_rope else "float32"
+    blocks = sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    compiled = f"{blocks} blocks" if blocks else "whole step" if opts.compile else "off"
     return (f"optimizations: fused projections={fused}, rope={rope_dtype}, "
-            f"euler-in-graph={opts.euler_in_graph}, precompute={opts.precompute}, compile={opts.compile}"
+            f"euler-in-graph={opts.euler_in_graph}, precompute={opts.precompute}, compile={compiled}"
             f"{' (+tuning)' if opts.inductor_tuning else ''}, cuda-graphs={opts.cuda_graphs}, "
             f"attention={opts.attention}, text-buckets={opts.text_buckets}, "
             f"channels-last-vae={next(pipe.vae.parameters()).is_contiguous(memory_format=torch.channels_last)}, "
@@ -1174,7 +1199,7 @@ def step_function(pipe: Pipeline, x: torch.Tensor, dt: torch.Tensor, cond: dict)
             if pipe.device.type == "cuda":
                 torch.cuda.empty_cache()
         fn = functools.partial(euler_step if opts.euler_in_graph else velocity, pipe.transformer)
-        if opts.compile:
+        if opts.compile and not opts.regional_compile:  # else its blocks are compiled already (compile_blocks)
             fn = torch.compile(fn, fullgraph=True, dynamic=False)
         args = (x, dt, cond) if opts.euler_in_graph else (x, cond)
         t0 = time.perf_counter()
@@ -1356,9 +1381,10 @@ def compare_bf16(pipe: Pipeline, req: Request) -> dict:
     """
     eager = dataclasses.replace(pipe.opts, compile=False, cuda_graphs=False)
     tandem = Tandem(pipe.bf16_transformer, pipe.transformer)
-    bf16_images = generate(dataclasses.replace(pipe, transformer=tandem, opts=eager, steps=OrderedDict()), req,
-                           Timer(pipe.device))
-    fp8_images = generate(dataclasses.replace(pipe, opts=eager, steps=OrderedDict()), req, Timer(pipe.device))
+    with torch.compiler.set_stance("force_eager"):  # the compiled blocks and VAE decoder too
+        bf16_images = generate(dataclasses.replace(pipe, transformer=tandem, opts=eager, steps=OrderedDict()), req,
+                               Timer(pipe.device))
+        fp8_images = generate(dataclasses.replace(pipe, opts=eager, steps=OrderedDict()), req, Timer(pipe.device))
     errors = [e.item() for e in tandem.errors]
     report = {"velocity_rel_err_first_step": errors[0], "velocity_rel_err_last_step": errors[-1],
               "velocity_rel_err_max": max(errors), "image_psnr_db": psnr(fp8_images, bf16_images),
@@ -1622,6 +1648,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("euler-in-graph", "the Euler update inside the compiled/graphed step"),
         ("precompute", "RoPE, text projection and all adaLN modulations once per request, not per step"),
         ("compile", "torch.compile of the step and of the VAE decoder"),
+        ("regional-compile", "compile one double and one single block, shared by all 57, instead of the whole "
+                             "step as one graph (a fraction of the compile time)"),
         ("cuda-graphs", "capture the step as a CUDA graph per shape and replay it"),
         ("text-buckets", f"T5 length rounded up to a multiple of {TEXT_BUCKET} instead of the maximum"),
         ("channels-last-vae", "VAE decoder in channels_last layout"),
@@ -1713,7 +1741,8 @@ def main(argv=None) -> int:
                                  torch.device(args.device))
         if opts.compile:
             use_compile_cache(args.compile_cache)
-            torch._dynamo.config.recompile_limit = max(8, 2 * args.max_graphs)  # one compiled step per shape
+            # One compiled graph per shape and kind of block (double/single, bf16/fp8 with --fp8-keep-bf16).
+            torch._dynamo.config.recompile_limit = max(8, 4 * args.max_graphs)
         pipe = load_pipeline(args.model, args.device, dtype, opts, args.random_weights, args.text_encoders_from,
                              args.offload_text_encoders)
         pipe.max_steps = args.max_graphs

@@ -4,10 +4,12 @@ On the GPU the step is compiled with fullgraph=True: a graph break would be an e
 on the CPU catches that here, without a GPU, and checks inductor's fused code against eager.
 """
 
+import copy
 import functools
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import optimized_inference as opt
 
@@ -39,3 +41,20 @@ def test_compiled_euler_step_matches_eager(tiny, quantize):
     # Relative to the update, not to x. fp8: inductor rounds some activations to a neighbouring e4m3 value where
     # eager does not (measured 3e-3); a wrong scale or layout would be off by order 1.
     assert ((compiled - eager).norm() / (eager - x).norm()).item() < (2e-2 if quantize else 1e-4)
+
+
+@torch.no_grad()
+def test_regional_compile_shares_one_graph_per_block_kind(tiny):
+    """compile_blocks: two double and two single blocks compile into two graphs, and the step still matches eager."""
+    model = copy.deepcopy(tiny.transformer)
+    x, dt, cond = step_inputs(model, seed=1)
+    eager = opt.euler_step(model, x, dt, cond)
+    torch._dynamo.reset()
+    counters["stats"].clear()
+    opt.compile_blocks(model)
+    compiled = opt.euler_step(model, x, dt, cond)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert ((compiled - eager).norm() / (eager - x).norm()).item() < 1e-4
+    counters["stats"].clear()
+    opt.euler_step(model, *step_inputs(model, seed=2)[:1], dt, cond)  # same shapes, new values: no recompile
+    assert counters["stats"]["unique_graphs"] == 0

@@ -270,7 +270,7 @@ def test_cli_matches_reference_and_diffusers(flags, tiny_pipeline_dir, reference
     assert len(evidence) == 1, stdout
     all_on = flags == ["--no-text-buckets"]
     assert f"fused projections={N_FUSED if all_on else 0}," in evidence[0]
-    for part in ("rope=float32", f"euler-in-graph={all_on}", f"precompute={all_on}", "compile=False",
+    for part in ("rope=float32", f"euler-in-graph={all_on}", f"precompute={all_on}", "compile=off",
                  "cuda-graphs=False", "attention=sdpa", "text-buckets=False", f"channels-last-vae={all_on}"):
         assert part in evidence[0], evidence[0]
     for component in ("text_encoders", "denoiser", "vae"):
