@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
 # Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [parallel] [bench CONFIGS]
-# (default: tests reference optimized)
+# (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
+# counts of `parallel` (default "1 2 4").
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 # diffusers is not on the device image (a caller running several of these at once installs it first)
@@ -19,7 +20,7 @@ while [ ${#steps[@]} -gt 0 ]; do
   step=${steps[0]}; steps=("${steps[@]:1}")
   start=$(date +%s)
   case $step in
-    tests) python3 -m pytest -q -m cuda tests/ -x 2>&1 | tee "$OUT/gpu_tests.log" || status=1 ;;
+    tests) python3 -m pytest -q -m cuda ${TESTS:-tests/} 2>&1 | tee "$OUT/gpu_tests.log" || status=1 ;;
     reference) python3 single_file_inference.py --random-weights --prompt "$PROMPT" --warmup 1 --runs 3 \
                  --timings-json "$OUT/reference.json" --output "$OUT/reference.png" 2>&1 | tee "$OUT/reference.log" || status=1 ;;
     optimized) python3 optimized_inference.py --random-weights --prompt "$PROMPT" --no-text-buckets --runs 3 \
@@ -43,7 +44,7 @@ PY
           | tee -a "$OUT/ttfi.log"
       done ;;
     parallel)  # issue 7: the same request on 1, 2 and 4 GPUs (a multi-GPU kind)
-      for n in 1 2 4; do
+      for n in ${NPROCS:-1 2 4}; do
         torchrun --standalone --nproc-per-node $n optimized_inference.py --random-weights --prompt "$PROMPT" \
           --no-text-buckets --runs 3 --output "$OUT/cp$n.png" --timings-json "$OUT/cp$n.json" 2>&1 \
           | tee "$OUT/cp$n.log" || status=1

@@ -1559,15 +1559,17 @@ def profile_run(pipe: Pipeline, req: Request, path: str) -> dict:
     if not pipe.is_main_rank:  # context parallel: every rank runs the request, rank 0's profile is the report
         return {}
     prof.export_chrome_trace(os.path.splitext(path)[0] + ".trace.json")
-    kinds = {"gemm": ("gemm", "nvjet", "cutlass", "xmma", "splitk"),
-             "attention": ("attention", "fmha", "flash", "sdpa"), "triton": ("triton",)}
-    per_kind, top = dict.fromkeys([*kinds, "other"], 0.0), []
+    # First match wins: inductor names its kernels after the ops they fuse ("triton_..._cudnn_attention_..."),
+    # and its GEMM templates are "triton_tem_...".
+    kinds = [("gemm", ("triton_tem",)), ("triton", ("triton",)), ("attention", ("attention", "fmha", "flash", "sdpa")),
+             ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "splitk"))]
+    per_kind, top = dict.fromkeys(["gemm", "attention", "triton", "other"], 0.0), []
     for e in prof.key_averages():
         ms = e.self_device_time_total / 1000
         if ms <= 0 or e.device_type != torch.autograd.DeviceType.CUDA:
             continue
         name = e.key.lower()
-        kind = next((k for k, words in kinds.items() if any(w in name for w in words)), "other")
+        kind = next((k for k, words in kinds if any(w in name for w in words)), "other")
         per_kind[kind] += ms / req.steps
         top.append((round(ms / req.steps, 3), e.count // req.steps, e.key[:100]))
     top.sort(reverse=True)

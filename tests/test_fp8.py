@@ -316,6 +316,7 @@ def test_float8_linear_at_flux_shapes_cuda(fast_accum, monkeypatch, record_prope
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no float8 tensor cores on this GPU")
     monkeypatch.setattr(oi, "FP8_FAST_ACCUM", fast_accum)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2 * len(FLUX_GEMMS))  # one graph per shape
     rows = []
     for m, k, n in FLUX_GEMMS:
         lin = random_linear(k, n, torch.bfloat16, "cuda")
@@ -357,7 +358,6 @@ def test_full_size_fp8_step_cuda(record_property):
             bf16 = oi.Flux(cfg, opts)
         bf16 = oi.init_random_(bf16.to_empty(device="cuda")).eval().requires_grad_(False)
     fp8 = oi.quantize_fp8_(oi.bf16_twin(bf16))
-    oi.configure_inductor(opts)
     pipe = oi.Pipeline(cfg, fp8, None, None, None, None, None, "random", torch.device("cuda"), torch.bfloat16, opts)
     gen = torch.Generator("cuda").manual_seed(0)
     x = torch.randn(1, 4096, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -366,6 +366,8 @@ def test_full_size_fp8_step_cuda(record_property):
     t, g = torch.full((1,), 0.5, device="cuda"), torch.full((1,), 3.5, device="cuda")
     cond = fp8.condition(txt, torch.zeros(512, 3, device="cuda"), oi.image_ids(128, 128, "cuda"), t, g, pooled)
     v16, v8 = bf16(x, **cond), fp8(x, **cond)
+    oi.configure_inductor(opts)
+    oi.compile_blocks(fp8)  # as load_pipeline does (regional compilation, the default)
     one = torch.ones((), device="cuda")  # with dt = 1 the Euler step returns x + v
     step = oi.step_function(pipe, x, one, cond)
     assert isinstance(step, oi.CUDAGraphStep)
