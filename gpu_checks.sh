@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
-# Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [parallel] [bench CONFIGS]
+# Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [offload] [fp8-error] [parallel]
+#        [bench CONFIGS]
 # (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
 # counts of `parallel` (default "1 2 4").
 set -uo pipefail
@@ -20,7 +21,7 @@ while [ ${#steps[@]} -gt 0 ]; do
   step=${steps[0]}; steps=("${steps[@]:1}")
   start=$(date +%s)
   case $step in
-    tests) python3 -m pytest -q -m cuda ${TESTS:-tests/} 2>&1 | tee "$OUT/gpu_tests.log" || status=1 ;;
+    tests) python3 -m pytest -q -rA -m cuda ${TESTS:-tests/} 2>&1 | tee "$OUT/gpu_tests.log" || status=1 ;;
     reference) python3 single_file_inference.py --random-weights --prompt "$PROMPT" --warmup 1 --runs 3 \
                  --timings-json "$OUT/reference.json" --output "$OUT/reference.png" 2>&1 | tee "$OUT/reference.log" || status=1 ;;
     optimized) python3 optimized_inference.py --random-weights --prompt "$PROMPT" --no-text-buckets --runs 3 \
@@ -43,6 +44,13 @@ PY
         echo "$run time to first image: $(python3 -c "import time; print(round(time.time() - $t0, 1))") s" \
           | tee -a "$OUT/ttfi.log"
       done ;;
+    offload)  # issue 5: peak GPU memory with CLIP/T5 kept on the CPU between requests
+      python3 optimized_inference.py --random-weights --prompt "$PROMPT" --no-text-buckets --offload-text-encoders \
+        --runs 1 --timings-json "$OUT/offload.json" --output /tmp/offload.png 2>&1 | tee "$OUT/offload.log" || status=1 ;;
+    fp8-error)  # issue 6: fp8's velocity error and image PSNR/SSIM against bf16 at full size
+      python3 optimized_inference.py --random-weights --prompt "$PROMPT" --no-text-buckets --quantize fp8 \
+        --compare-bf16 --runs 1 --timings-json "$OUT/fp8-error.json" --output "$OUT/fp8.png" 2>&1 \
+        | tee "$OUT/fp8-error.log" || status=1 ;;
     parallel)  # issue 7: the same request on 1, 2 and 4 GPUs (a multi-GPU kind)
       for n in ${NPROCS:-1 2 4}; do
         torchrun --standalone --nproc-per-node $n optimized_inference.py --random-weights --prompt "$PROMPT" \
@@ -55,7 +63,7 @@ PY
   esac
   echo "== $step: $(( $(date +%s) - start ))s"
 done
-for f in "$OUT"/reference.json "$OUT"/optimized.json "$OUT"/cp*.json; do
+for f in "$OUT"/reference.json "$OUT"/optimized.json "$OUT"/offload.json "$OUT"/fp8-error.json "$OUT"/cp*.json; do
   [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], *(f'{k}={d[k][\"median\"]:.3f}s' for k in ('text_encoders','denoiser','vae','end_to_end')), f'warmup={d[\"warmup_s\"]:.1f}s peak={d.get(\"peak_mem_GiB\",0):.1f}GiB')" "$f"
 done
 exit $status
