@@ -191,3 +191,17 @@ def test_unwritable_compile_cache_falls_back_with_a_warning(tmp_path, capsys, mo
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "before")
     opt.use_compile_cache(str(tmp_path / "cache"))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
+
+
+@torch.no_grad()
+def test_offloaded_text_encoders_encode_the_same_and_stay_off_the_device(tiny_pipeline_dir):
+    opts = opt.effective_options(opt.Options(), torch.device("cpu"))
+    plain = opt.load_pipeline(tiny_pipeline_dir, "cpu", torch.float32, opts)
+    offloaded = opt.load_pipeline(tiny_pipeline_dir, "cpu", torch.float32, opts, offload_text_encoders=True)
+    # Sequential offload: the modules hold no weights; a CPU copy is streamed in layer by layer per forward.
+    for encoder in (offloaded.clip, offloaded.t5):
+        assert {p.device.type for p in encoder.parameters()} == {"meta"}
+    prompts = ["a lighthouse on a cliff", "two cats"]
+    txt, pooled = opt.encode_prompt(plain, prompts, prompts, 32)
+    txt_off, pooled_off = opt.encode_prompt(offloaded, prompts, prompts, 32)
+    assert txt.std() > 0 and torch.equal(txt, txt_off) and torch.equal(pooled, pooled_off)
