@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
-# Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [ttfi] [offload] [fp8-error] [parallel]
+# Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [ttfi] [offload] [fp8-error] [batch] [parallel]
 #        [bench CONFIGS]
 # (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
 # counts of `parallel` (default "1 2 4").
@@ -58,6 +58,11 @@ PY
         torchrun --standalone --nproc-per-node $n optimized_inference.py --random-weights --prompt "$PROMPT" \
           --no-text-buckets --runs 3 --output "$OUT/cp$n.png" --timings-json "$OUT/cp$n.json" 2>&1 \
           | tee "$OUT/cp$n.log" || status=1
+      done ;;
+    batch)  # issue 5: throughput of the optimized row at batch sizes 1, 2, 4, 8 (each a benchmark of its own)
+      for b in 1 2 4 8; do
+        python3 benchmark.py --random-weights --configs opt+attention --batch-size $b --out-dir "$OUT/batch$b" 2>&1 \
+          | tee "$OUT/batch$b.log" || status=1
       done ;;
     bench) configs=${steps[0]}; steps=("${steps[@]:1}")
            python3 benchmark.py --random-weights --configs "$configs" --out-dir "$OUT/bench" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
