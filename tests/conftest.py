@@ -1,10 +1,12 @@
 """Shared pytest setup: the ``cuda`` marker and the tiny offline FLUX pipelines."""
 
 import os
+import shutil
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 # The scripts under test (single_file_inference.py, ...) live at the repo root, not in a package.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,3 +36,21 @@ def tiny_pipeline_dir(tmp_path_factory):
 def tiny_pipeline_dir_schnell(tmp_path_factory):
     """A tiny random-weight FLUX.1-schnell-like pipeline (no guidance embedding), built once."""
     return make_tiny_pipeline(str(tmp_path_factory.mktemp("tiny_flux_schnell")), guidance_embeds=False)
+
+
+@pytest.fixture(scope="module")
+def broken_model_dirs(tiny_pipeline_dir, tmp_path_factory):
+    """Copies of the tiny pipeline: one without its VAE, one with a renamed transformer key, one missing a config."""
+    root = tmp_path_factory.mktemp("broken_models")
+    no_vae = shutil.copytree(tiny_pipeline_dir, root / "incomplete")  # a name that does not contain "vae"
+    shutil.rmtree(no_vae / "vae")
+
+    renamed = shutil.copytree(tiny_pipeline_dir, root / "renamed_key")
+    weights = renamed / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["transformer_blocks.1.attn.to_key.weight"] = state.pop("transformer_blocks.1.attn.to_k.weight")
+    save_file(state, weights)
+
+    no_config = shutil.copytree(tiny_pipeline_dir, root / "no_transformer_config")
+    os.remove(no_config / "transformer" / "config.json")
+    return {"no_vae": str(no_vae), "renamed_key": str(renamed), "no_transformer_config": str(no_config)}

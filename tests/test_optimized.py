@@ -6,7 +6,6 @@ On CPU torch.compile and CUDA graphs are switched off (with a notice); everythin
 import dataclasses
 import os
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -405,14 +404,6 @@ def test_attention_resolves_to_sdpa_on_cpu(capsys):
             oi.effective_options(oi.Options(attention=backend), torch.device("cpu"))
 
 
-@pytest.fixture(scope="module")
-def broken_model_dirs(tiny_pipeline_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("broken_models")
-    no_vae = shutil.copytree(tiny_pipeline_dir, root / "incomplete")  # a name that does not contain "vae"
-    shutil.rmtree(no_vae / "vae")
-    no_config = shutil.copytree(tiny_pipeline_dir, root / "no_transformer_config")
-    os.remove(no_config / "transformer" / "config.json")
-    return {"no_vae": str(no_vae), "no_transformer_config": str(no_config)}
 
 
 BAD_INPUT = {

@@ -2,7 +2,6 @@
 
 import os
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +10,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from transformers import T5TokenizerFast
 
 import single_file_inference as sfi
@@ -324,24 +322,6 @@ def test_strict_loading_names_the_offending_key(problem):
 # ----------------------------------------------------------------------------------------------------------------------
 # Bad input: one line on stderr, a non-zero exit status, no output file
 # ----------------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def broken_model_dirs(tiny_pipeline_dir, tmp_path_factory):
-    """Copies of the tiny pipeline: one without its VAE, one with a renamed transformer key, one missing a config."""
-    root = tmp_path_factory.mktemp("broken_models")
-    no_vae = shutil.copytree(tiny_pipeline_dir, root / "incomplete")  # a name that does not contain "vae"
-    shutil.rmtree(no_vae / "vae")
-
-    renamed = shutil.copytree(tiny_pipeline_dir, root / "renamed_key")
-    weights = renamed / "transformer" / "diffusion_pytorch_model.safetensors"
-    state = load_file(weights)
-    state["transformer_blocks.1.attn.to_key.weight"] = state.pop("transformer_blocks.1.attn.to_k.weight")
-    save_file(state, weights)
-
-    no_config = shutil.copytree(tiny_pipeline_dir, root / "no_transformer_config")
-    os.remove(no_config / "transformer" / "config.json")
-    return {"no_vae": str(no_vae), "renamed_key": str(renamed), "no_transformer_config": str(no_config)}
-
-
 # id -> (extra args that override the good ones, which model dir, text the error line must contain)
 BAD_INPUT = {
     "height-not-multiple-of-8": (["--height", "44"], "tiny", ["multiples of 8", "44"]),
