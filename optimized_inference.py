@@ -1038,27 +1038,42 @@ def use_compile_cache(directory: str | None) -> None:
     torch._functorch.config.enable_autograd_cache = True
 
 
-def configure_inductor(opts: Options) -> None:
-    """Inductor settings, each kept only where it measured faster (BENCHMARKS.md) or costs no compile time."""
-    config = torch._inductor.config
-    config.conv_1x1_as_mm = True  # the VAE's 1x1 convolutions as matmuls
-    if opts.inductor_tuning:  # minutes more compile for a few percent: opt-in
-        config.coordinate_descent_tuning = True
-        config.max_autotune_gemm = True
+def configure_inductor() -> None:
+    """Inductor settings for every compiled graph, each kept only where it measured faster or costs no compile time."""
+    torch._inductor.config.conv_1x1_as_mm = True  # the VAE's 1x1 convolutions as matmuls
+
+
+def compile_options(opts: Options) -> dict:
+    """Inductor options for the transformer's graphs (not the VAE's).
+
+    fp8: no split reductions. Each fp8 matmul's input needs its per-token amax first; by default inductor splits the
+    amax over a 12288- or 15360-wide MLP row into chunks, in a kernel of its own, then reads the row again to cast
+    it. Unsplit, one kernel per row reduces and then casts while the row is still in L2. Measured on an H100
+    (BENCHMARKS.md, run 13): fp8 denoiser 2.770 -> 2.687 s, and a shorter compile.
+
+    --inductor-tuning: minutes more compile for a few percent, so opt-in. Coordinate descent tunes the block sizes of
+    inductor's own kernels; max_autotune_gemm times Triton matmul templates (persistent TMA ones on Hopper) against
+    cuBLAS at every GEMM shape. The VAE decoder compiles without them: its convolutions alone took over 3 minutes of
+    autotuning (run 11), for 1% of the image's time.
+    """
+    options = {"split_reductions": False} if opts.quantize == "fp8" else {}
+    if opts.inductor_tuning:
+        options |= {"coordinate_descent_tuning": True, "max_autotune_gemm": True}
         if torch.cuda.get_device_capability()[0] >= 9:
-            config.triton.enable_persistent_tma_matmul = True
+            options["triton.enable_persistent_tma_matmul"] = True
+    return options
 
 
 def compile_at_load(transformer: Flux, vae: nn.Module, opts: Options) -> None:
     """What torch.compile wraps before the first request: the VAE decoder and, by default, the blocks.
     (With --no-regional-compile the whole step is compiled per shape instead, in step_function.)"""
-    configure_inductor(opts)
+    configure_inductor()
     vae.decode = torch.compile(vae.decode, fullgraph=True)
     if opts.regional_compile:
-        compile_blocks(transformer)
+        compile_blocks(transformer, compile_options(opts))
 
 
-def compile_blocks(model: Flux) -> None:
+def compile_blocks(model: Flux, options: dict | None = None) -> None:
     """Regional compilation: compile each block rather than the whole step.
 
     Dynamo reuses a compiled graph for every module of the same structure and shapes (the weights are graph inputs),
@@ -1068,7 +1083,7 @@ def compile_blocks(model: Flux) -> None:
     of 178 s, for a denoiser 1.8% slower than --no-regional-compile's whole-step graph.
     """
     for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
-        block.compile(fullgraph=True, dynamic=False)
+        block.compile(fullgraph=True, dynamic=False, options=options)
 
 
 def effective_options(opts: Options, device: torch.device) -> Options:
@@ -1206,7 +1221,7 @@ def step_function(pipe: Pipeline, x: torch.Tensor, dt: torch.Tensor, cond: dict)
                 torch.cuda.empty_cache()
         fn = functools.partial(euler_step if opts.euler_in_graph else velocity, pipe.transformer)
         if opts.compile and not opts.regional_compile:  # else its blocks are compiled already (compile_blocks)
-            fn = torch.compile(fn, fullgraph=True, dynamic=False)
+            fn = torch.compile(fn, fullgraph=True, dynamic=False, options=compile_options(opts))
         args = (x, dt, cond) if opts.euler_in_graph else (x, cond)
         t0 = time.perf_counter()
         pipe.steps[key] = CUDAGraphStep(fn, *args) if opts.cuda_graphs else fn

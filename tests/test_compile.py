@@ -58,3 +58,10 @@ def test_regional_compile_shares_one_graph_per_block_kind(tiny):
     counters["stats"].clear()
     opt.euler_step(model, *step_inputs(model, seed=2)[:1], dt, cond)  # same shapes, new values: no recompile
     assert counters["stats"]["unique_graphs"] == 0
+
+
+def test_compile_options_per_mode():
+    """The transformer's inductor options: none by default, unsplit reductions for fp8, tuning only when asked."""
+    assert opt.compile_options(opt.Options()) == {}
+    assert opt.compile_options(opt.Options(quantize="fp8")) == {"split_reductions": False}
+    assert set(opt.compile_options(opt.Options(quantize="fp8"))) <= set(torch._inductor.config.get_config_copy())
