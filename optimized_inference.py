@@ -1047,9 +1047,11 @@ def compile_options(opts: Options) -> dict:
     """Inductor options for the transformer's graphs (not the VAE's).
 
     fp8: no split reductions. Each fp8 matmul's input needs its per-token amax first; by default inductor splits the
-    amax over a 12288- or 15360-wide MLP row into chunks, in a kernel of its own, then reads the row again to cast
-    it. Unsplit, one kernel per row reduces and then casts while the row is still in L2. Measured on an H100
-    (BENCHMARKS.md, run 13): fp8 denoiser 2.770 -> 2.687 s, and a shorter compile.
+    amax over the single blocks' 15360-wide MLP rows into chunks, in a kernel of its own, then reads the rows again
+    to cast them. Unsplit, the amax and the cast can fuse into one kernel that reads each row a second time while it
+    is still in L2, as inductor already did for the double blocks' 12288-wide rows (run 11's profile; the unsplit
+    kernels themselves were not profiled). Measured on an H100 (BENCHMARKS.md, run 13): fp8 denoiser
+    2.770 -> 2.687 s, and 13 s less compile.
 
     --inductor-tuning: minutes more compile for a few percent, so opt-in. Coordinate descent tunes the block sizes of
     inductor's own kernels; max_autotune_gemm times Triton matmul templates (persistent TMA ones on Hopper) against
