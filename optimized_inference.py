@@ -1124,9 +1124,11 @@ def describe(pipe: Pipeline) -> str:
     rope_dtype = str(pipe.dtype).removeprefix("torch.") if opts.bf16_rope else "float32"
     blocks = sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
     compiled = f"{blocks} blocks" if blocks else "whole step" if opts.compile else "off"
+    if opts.compile and (options := compile_options(opts)):
+        compiled += f" ({', '.join(f'{k}={v}' for k, v in options.items())})"
     return (f"optimizations: fused projections={fused}, rope={rope_dtype}, "
-            f"euler-in-graph={opts.euler_in_graph}, precompute={opts.precompute}, compile={compiled}"
-            f"{' (+tuning)' if opts.inductor_tuning else ''}, cuda-graphs={opts.cuda_graphs}, "
+            f"euler-in-graph={opts.euler_in_graph}, precompute={opts.precompute}, compile={compiled}, "
+            f"cuda-graphs={opts.cuda_graphs}, "
             f"attention={opts.attention}, text-buckets={opts.text_buckets}, "
             f"channels-last-vae={next(pipe.vae.parameters()).is_contiguous(memory_format=torch.channels_last)}, "
             f"fp8 linear layers={fp8}")

@@ -5,6 +5,7 @@ on the CPU catches that here, without a GPU, and checks inductor's fused code ag
 """
 
 import copy
+import dataclasses
 import functools
 
 import pytest
@@ -60,8 +61,11 @@ def test_regional_compile_shares_one_graph_per_block_kind(tiny):
     assert counters["stats"]["unique_graphs"] == 0
 
 
-def test_compile_options_per_mode():
-    """The transformer's inductor options: none by default, unsplit reductions for fp8, tuning only when asked."""
+def test_compile_options_per_mode(tiny):
+    """The transformer's inductor options: none by default, unsplit reductions for fp8; the evidence line names them."""
     assert opt.compile_options(opt.Options()) == {}
     assert opt.compile_options(opt.Options(quantize="fp8")) == {"split_reductions": False}
     assert set(opt.compile_options(opt.Options(quantize="fp8"))) <= set(torch._inductor.config.get_config_copy())
+    fp8_compiled = dataclasses.replace(tiny, opts=dataclasses.replace(tiny.opts, compile=True, quantize="fp8"))
+    assert "compile=whole step (split_reductions=False)," in opt.describe(fp8_compiled)
+    assert "compile=off," in opt.describe(tiny)
