@@ -497,10 +497,13 @@ class DoubleAttention(nn.Module):
         else:
             iq, ik, iv = heads(self.to_q(img)), heads(self.to_k(img)), heads(self.to_v(img))
             tq, tk, tv = heads(self.add_q_proj(txt)), heads(self.add_k_proj(txt)), heads(self.add_v_proj(txt))
-        q = torch.cat([self.norm_added_q(tq), self.norm_q(iq)], dim=1)
-        k = torch.cat([self.norm_added_k(tk), self.norm_k(ik)], dim=1)
+        # RoPE per stream, then the concatenation: compiled, each stream's norm and rotation are one kernel writing
+        # straight into the joint q/k, where rotating the joined tensor needed it written and read once more.
+        txt_pe, img_pe = zip(*(t.split([txt.shape[1], img.shape[1]]) for t in pe), strict=True)
+        q = torch.cat([apply_rope(self.norm_added_q(tq), *txt_pe), apply_rope(self.norm_q(iq), *img_pe)], dim=1)
+        k = torch.cat([apply_rope(self.norm_added_k(tk), *txt_pe), apply_rope(self.norm_k(ik), *img_pe)], dim=1)
         v = torch.cat([tv, iv], dim=1)
-        out = attention(apply_rope(q, *pe), apply_rope(k, *pe), v, self.backend, self.group)  # [B, L_txt + L_img, H*D]
+        out = attention(q, k, v, self.backend, self.group)  # [B, L_txt + L_img, H*D]
         txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)
         return self.to_out[0](img_out), self.to_add_out(txt_out)
 
