@@ -103,6 +103,7 @@ LADDER = {
     "opt+precompute": ("--no-precompute",),
     "opt+compile": ("--no-compile", "--no-channels-last-vae"),  # the compiled VAE decoder comes in channels_last
     "opt+cuda-graphs": ("--no-cuda-graphs",),
+    "opt+rope-halves": ("--no-rope-halves",),
     "opt+attention": ("--attention", "sdpa"),  # back to --attention auto: cuDNN or FlashAttention on the GPU
 }
 

@@ -4,6 +4,8 @@
 
 Same pipeline and CLI as single_file_inference.py, plus these optimizations, each on by default with a --no-... flag:
   --no-bf16-rope          RoPE tables and rotation in bf16 (the reference rotates in float32)
+  --no-rope-halves        RoPE rotates channel i with i + D/2 instead of neighbours 2i, 2i+1 (q/k weights permuted
+                          at load time to match): contiguous halves instead of interleaved pairs in the kernels
   --no-fused-qkv          q/k/v as one matmul per stream; in single blocks q/k/v and the MLP input as one matmul
   --no-euler-in-graph     the Euler update inside the graphed step (fused with the last projection by
                           --no-regional-compile's whole-step graph)
@@ -138,6 +140,7 @@ class Options:
     """The optimizations, one field each; all on by default, each switched off by its --no-... flag."""
 
     bf16_rope: bool = True
+    rope_halves: bool = True
     fused_qkv: bool = True
     euler_in_graph: bool = True
     precompute: bool = True
@@ -169,29 +172,38 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10_0
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, dim]
 
 
-def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int, dtype=torch.float32):
+def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int, dtype=torch.float32, halves: bool = False):
     """Rotary tables for positions `ids` [S, n_axes]; each axis rotates its own slice of the head dimension.
 
     Angles are computed in float64: at 4608 positions float32 angles already lose the low bits that decide cos/sin.
     The tables are then stored in `dtype` (bf16 by default): only the angles need the precision, not cos/sin.
+    Pair j's angle sits at channels 2j and 2j+1 (interleaved, the checkpoint's layout), or with `halves` at j and
+    j + D/2 (see apply_rope).
     """
-    cos, sin = [], []
-    for i, dim in enumerate(axes_dim):
-        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
-        angles = torch.outer(ids[:, i].double(), freqs)  # [S, dim/2]
-        cos.append(angles.cos().repeat_interleave(2, dim=1).float())
-        sin.append(angles.sin().repeat_interleave(2, dim=1).float())
-    return torch.cat(cos, dim=-1).to(dtype), torch.cat(sin, dim=-1).to(dtype)  # [S, head_dim] each
+    freqs = [1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim) for dim in axes_dim]
+    angles = torch.cat([torch.outer(ids[:, i].double(), f) for i, f in enumerate(freqs)], dim=-1)  # [S, D/2]
+    cos, sin = angles.cos().float(), angles.sin().float()
+    spread = (lambda t: torch.cat([t, t], dim=-1)) if halves else (lambda t: t.repeat_interleave(2, dim=-1))
+    return spread(cos).to(dtype), spread(sin).to(dtype)  # [S, head_dim] each
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x0, x1) of x [B, S, H, D] by the angles behind cos/sin [S, D].
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, halves: bool = False) -> torch.Tensor:
+    """Rotate the pairs of x [B, S, H, D] by the angles behind cos/sin [S, D]: consecutive pairs (x[2j], x[2j+1]),
+    or with `halves` (x[j], x[j + D/2]).
 
+    Halves: the rotated tensor is two contiguous slices of x swapped, where interleaved pairs make every element
+    load its neighbour: the compiled q/k norm + RoPE kernel runs in 2/3 of the time (BENCHMARKS.md, run 16). The
+    attention scores are sums over q[d] * k[d], so q and k may order their channels any way as long as both do
+    the same: permute_rope_pairs() reorders the projection rows at load time.
     Computed in the tables' dtype: with bf16 tables no float32 copy of q/k is made (compiled, the arithmetic still
     runs in float32 registers inside one fused kernel; only what is stored is bf16).
     """
-    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack([-x1, x0], dim=-1).flatten(-2)
+    if halves:
+        x0, x1 = x.chunk(2, dim=-1)
+        rotated = torch.cat([-x1, x0], dim=-1)
+    else:
+        x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        rotated = torch.stack([-x1, x0], dim=-1).flatten(-2)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     return (x.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).to(x.dtype)
 
@@ -282,6 +294,17 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation, 0.5 x (1 + tanh(u)), written as x * sigmoid(2u): the same function without tanh.
+
+    fp8 quantizes the MLP's hidden activations per token, so the compiled kernel computes GELU twice per element
+    (once for the row's amax, once for the cast), and with tanh (libdevice's, dozens of instructions) it was bound
+    by arithmetic, not memory: the sigmoid form ran the single blocks' kernel in 2/3 of the time (BENCHMARKS.md,
+    run 16). In bf16 the kernels are bound by memory and either form runs as fast.
+    """
+    return x * torch.sigmoid(math.sqrt(8 / math.pi) * (x + 0.044715 * x * x * x))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm of q/k per head: x / sqrt(mean(x^2) + eps) * weight. torch's op accumulates in float32 and runs as
     one kernel on the GPU; the same op diffusers uses, so bf16 results match it bit for bit."""
@@ -299,9 +322,11 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     subnormals begin. One scale per row (per output channel of a weight, per token of an activation): an outlier
     costs precision only in its own row. Plain torch ops, so torch.compile fuses them into the kernel producing x.
     """
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    # x / scale can round to just past 448; a cast out of range saturates or gives NaN, by torch version and device.
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    # One reciprocal per row and a multiply per element, not a division per element (fewer instructions in the
+    # compiled kernel). x * (448 / amax) can round to just past 448; a cast out of range saturates or gives NaN,
+    # by torch version and device.
+    return (x.float() * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), amax / FP8_MAX
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -439,7 +464,7 @@ class FeedForward(nn.Module):
         self.net[0].proj = nn.Linear(dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+        return self.net[2](gelu_tanh(self.net[0].proj(x)))
 
 
 # Hopper's fp8 tensor cores accumulate with fewer bits than float32. "Fast" accumulation keeps the sums there for the
@@ -477,6 +502,7 @@ class DoubleAttention(nn.Module):
     def __init__(self, dim: int, head_dim: int, opts: Options):
         super().__init__()
         self.head_dim, self.fused, self.backend = head_dim, opts.fused_qkv, opts.attention
+        self.halves = opts.rope_halves
         self.group = None  # the context-parallel process group under torchrun (enable_context_parallel)
         if self.fused:  # filled by fuse_projections() at load time
             self.to_qkv, self.to_added_qkv = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim)
@@ -500,8 +526,9 @@ class DoubleAttention(nn.Module):
         # RoPE per stream, then the concatenation: compiled, each stream's norm and rotation are one kernel writing
         # straight into the joint q/k, where rotating the joined tensor needed it written and read once more.
         txt_pe, img_pe = zip(*(t.split([txt.shape[1], img.shape[1]]) for t in pe), strict=True)
-        q = torch.cat([apply_rope(self.norm_added_q(tq), *txt_pe), apply_rope(self.norm_q(iq), *img_pe)], dim=1)
-        k = torch.cat([apply_rope(self.norm_added_k(tk), *txt_pe), apply_rope(self.norm_k(ik), *img_pe)], dim=1)
+        rot = functools.partial(apply_rope, halves=self.halves)
+        q = torch.cat([rot(self.norm_added_q(tq), *txt_pe), rot(self.norm_q(iq), *img_pe)], dim=1)
+        k = torch.cat([rot(self.norm_added_k(tk), *txt_pe), rot(self.norm_k(ik), *img_pe)], dim=1)
         v = torch.cat([tv, iv], dim=1)
         out = attention(q, k, v, self.backend, self.group)  # [B, L_txt + L_img, H*D]
         txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)
@@ -533,7 +560,7 @@ class DoubleStreamBlock(nn.Module):
 class SingleAttention(nn.Module):
     def __init__(self, dim: int, head_dim: int, opts: Options):
         super().__init__()
-        self.head_dim, self.backend = head_dim, opts.attention
+        self.head_dim, self.backend, self.halves = head_dim, opts.attention, opts.rope_halves
         self.group = None  # the context-parallel process group under torchrun (enable_context_parallel)
         if not opts.fused_qkv:
             self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
@@ -542,7 +569,8 @@ class SingleAttention(nn.Module):
     def forward(self, q, k, v, pe):
         heads = lambda t: t.unflatten(-1, (-1, self.head_dim))  # noqa: E731
         q, k, v = self.norm_q(heads(q)), self.norm_k(heads(k)), heads(v)
-        return attention(apply_rope(q, *pe), apply_rope(k, *pe), v, self.backend, self.group)
+        return attention(apply_rope(q, *pe, self.halves), apply_rope(k, *pe, self.halves), v, self.backend,
+                         self.group)
 
 
 class SingleStreamBlock(nn.Module):
@@ -568,7 +596,7 @@ class SingleStreamBlock(nn.Module):
                                                      - 3 * self.dim], dim=-1)
         else:
             q, k, v, mlp = self.attn.to_q(h), self.attn.to_k(h), self.attn.to_v(h), self.proj_mlp(h)
-        mlp = F.gelu(mlp, approximate="tanh")
+        mlp = gelu_tanh(mlp)
         return x + gate[:, None] * self.proj_out(torch.cat([self.attn(q, k, v, pe), mlp], dim=-1))
 
 
@@ -601,7 +629,8 @@ class Flux(nn.Module):
         # One [N, sum of n * dim] matrix: all 77 adaLN projections of all steps in one pass over their weights.
         mods = torch.cat([norm(vec) for norm in self.ada_norms], dim=-1)
         rope_dtype = dtype if self.opts.bf16_rope else torch.float32
-        cos, sin = rope(torch.cat([txt_ids, img_ids]), self.cfg.axes_dims_rope, self.cfg.rope_theta, rope_dtype)
+        cos, sin = rope(torch.cat([txt_ids, img_ids]), self.cfg.axes_dims_rope, self.cfg.rope_theta, rope_dtype,
+                        self.opts.rope_halves)
         return {"txt": self.context_embedder(txt), "mods": mods, "cos": cos, "sin": sin}
 
     def forward(self, img, txt, mods, cos, sin) -> torch.Tensor:
@@ -710,6 +739,34 @@ def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], dtype)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
 
 
+def prepare_state(state: dict[str, torch.Tensor], cfg: FluxConfig, opts: Options) -> dict[str, torch.Tensor]:
+    """The load-time weight transforms the options ask for, on diffusers' key names, in place."""
+    if opts.rope_halves:
+        state = permute_rope_pairs(state, cfg.attention_head_dim)
+    if opts.fused_qkv:
+        state = fuse_projections(state)
+    return state
+
+
+ROPE_PERMUTED = ("attn.to_q", "attn.to_k", "attn.add_q_proj", "attn.add_k_proj",
+                 "attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k")
+
+
+def permute_rope_pairs(state: dict[str, torch.Tensor], head_dim: int) -> dict[str, torch.Tensor]:
+    """Options.rope_halves: reorder each head's q/k channels to (0, 2, 4, ..., 1, 3, 5, ...), in place.
+
+    Channel 2j moves to j and 2j+1 to j + D/2, so RoPE's pairs become the two halves of the head (apply_rope).
+    The q and k projections' output rows and biases and the q/k RMSNorm weights move together; q.k per head is a
+    sum over channels, unchanged by reordering them in both. v and everything after attention keep their order.
+    """
+    order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    for key in [k for k in state if k.rpartition(".")[0].endswith(ROPE_PERMUTED)]:
+        tensor = state[key]
+        heads = tensor.unflatten(0, (-1, head_dim))  # [H, D, ...] (an RMSNorm weight: [1, D])
+        state[key] = heads[:, order.to(tensor.device)].flatten(0, 1)
+    return state
+
+
 def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers' separate q/k/v (and single-block MLP input) weights -> one matrix per matmul, in place.
 
@@ -814,9 +871,7 @@ def load_bfl_transformer(file: str, scheduler_config: dict, axes_dims_rope, opts
     cfg = config_from_bfl(state, scheduler_config, axes_dims_rope)
     with torch.device("meta"):
         model = Flux(cfg, opts)
-    state = bfl_to_diffusers(state, cfg.hidden_size)
-    if opts.fused_qkv:
-        state = fuse_projections(state)
+    state = prepare_state(bfl_to_diffusers(state, cfg.hidden_size), cfg, opts)
     load_weights_strict(model, state, dtype)
     return model.eval(), cfg
 
@@ -824,9 +879,7 @@ def load_bfl_transformer(file: str, scheduler_config: dict, axes_dims_rope, opts
 def load_transformer(directory: str, cfg: FluxConfig, opts: Options, device, dtype) -> Flux:
     with torch.device("meta"):
         model = Flux(cfg, opts)
-    state = transformer_state_dict(directory, device)
-    if opts.fused_qkv:
-        state = fuse_projections(state)
+    state = prepare_state(transformer_state_dict(directory, device), cfg, opts)
     load_weights_strict(model, state, dtype)
     return model.eval()
 
@@ -1675,6 +1728,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("optimizations (each on by default; --no-... switches one off)")
     for name, help_text in [
         ("bf16-rope", "RoPE tables and rotation in the model dtype instead of float32"),
+        ("rope-halves", "RoPE pairs channel i with i + D/2 (q/k weights permuted at load) instead of 2i with 2i+1"),
         ("fused-qkv", "one matmul for q/k/v (and the single blocks' MLP input), fused at load time"),
         ("euler-in-graph", "the Euler update inside the compiled/graphed step"),
         ("precompute", "RoPE, text projection and all adaLN modulations once per request, not per step"),

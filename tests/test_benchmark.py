@@ -21,9 +21,10 @@ def test_flop_per_step_at_1024_and_512_text_tokens():
 
 def test_ladder_adds_one_optimization_per_rung():
     everything_off = {"--no-fused-qkv", "--no-euler-in-graph", "--no-precompute", "--no-compile", "--no-cuda-graphs",
-                      "--attention", "sdpa", "--no-text-buckets", "--no-channels-last-vae"}
+                      "--no-rope-halves", "--attention", "sdpa", "--no-text-buckets", "--no-channels-last-vae"}
     assert set(benchmark.ROWS["opt-bf16"].flags) == everything_off
-    assert set(benchmark.ROWS["opt+compile"].flags) == {"--no-cuda-graphs", "--attention", "sdpa", "--no-text-buckets"}
+    assert set(benchmark.ROWS["opt+compile"].flags) == {"--no-cuda-graphs", "--no-rope-halves", "--attention", "sdpa",
+                                                        "--no-text-buckets"}
     assert benchmark.ROWS["opt+attention"].flags == ("--no-text-buckets",)
     assert benchmark.ROWS["opt-text256"] == benchmark.Row("optimized_inference.py", ("--no-text-buckets",), 256)
 

@@ -38,7 +38,8 @@ def pipes():
     opts = opt.effective_options(opt.Options(text_buckets=False), torch.device("cuda"))
     with torch.device("meta"):
         model = opt.Flux(cfg, opts)
-    opt.load_weights_strict(model, opt.fuse_projections(dict(reference.transformer.state_dict())), torch.bfloat16)
+    opt.load_weights_strict(model, opt.prepare_state(dict(reference.transformer.state_dict()), cfg, opts),
+                            torch.bfloat16)
     model.eval().requires_grad_(False)
     vae = copy.deepcopy(reference.vae).to(memory_format=torch.channels_last)
     opt.compile_at_load(model, vae, opts)

@@ -74,9 +74,7 @@ def make_optimized(ref: sfi.Flux, opts: oi.Options) -> oi.Flux:
     cfg = oi.FluxConfig(**TINY, guidance_embeds=ref.cfg.guidance_embeds)
     with torch.device("meta"):
         model = oi.Flux(cfg, opts)
-    state = {k: v.clone() for k, v in ref.state_dict().items()}
-    if opts.fused_qkv:
-        state = oi.fuse_projections(state)
+    state = oi.prepare_state({k: v.clone() for k, v in ref.state_dict().items()}, cfg, opts)
     oi.load_weights_strict(model, state, torch.float32)
     return model.eval()
 
@@ -166,6 +164,23 @@ def test_fuse_projections_splits_back_exactly():
         if not any(u in key for u in UNFUSED):
             assert torch.equal(fused[key], value), key
     assert len(fused) == len(original) - 2 * (4 * TINY["num_layers"] + 3 * TINY["num_single_layers"])
+
+
+def test_permute_rope_pairs_moves_only_q_and_k():
+    """rope_halves reorders each head's q/k channels: pairs (2j, 2j+1) land at (j, j + D/2), nothing else moves."""
+    ref = make_reference(True)
+    original = {k: v.clone() for k, v in ref.state_dict().items()}
+    permuted = oi.permute_rope_pairs({k: v.clone() for k, v in original.items()}, TINY["attention_head_dim"])
+    d = TINY["attention_head_dim"]
+    moved = [k for k in original if not torch.equal(permuted[k], original[k])]
+    assert moved and all(k.rpartition(".")[0].endswith(oi.ROPE_PERMUTED) for k in moved)
+    key = "transformer_blocks.0.attn.to_k.weight"
+    heads, new = original[key].unflatten(0, (-1, d)), permuted[key].unflatten(0, (-1, d))
+    assert torch.equal(new[:, : d // 2], heads[:, 0::2]) and torch.equal(new[:, d // 2:], heads[:, 1::2])
+    assert torch.equal(permuted["single_transformer_blocks.0.attn.norm_q.weight"][: d // 2],
+                       original["single_transformer_blocks.0.attn.norm_q.weight"][0::2])
+    # per double block 4 projections (weight, bias) + 4 norms; per single block 2 projections + 2 norms
+    assert len(moved) == 12 * TINY["num_layers"] + 6 * TINY["num_single_layers"]
 
 
 def test_fused_model_has_only_fused_projections():
