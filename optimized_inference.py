@@ -1178,11 +1178,12 @@ def describe(pipe: Pipeline) -> str:
                 for name in ("to_qkv", "to_added_qkv", "to_qkv_mlp"))
     fp8 = sum(isinstance(m, Float8Linear) for m in model.modules())
     rope_dtype = str(pipe.dtype).removeprefix("torch.") if opts.bf16_rope else "float32"
+    halves = sum(isinstance(m, (DoubleAttention, SingleAttention)) and m.halves for m in model.modules())
     blocks = sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
     compiled = f"{blocks} blocks" if blocks else "whole step" if opts.compile else "off"
     if opts.compile and (options := compile_options(opts)):
         compiled += f" ({', '.join(f'{k}={v}' for k, v in options.items())})"
-    return (f"optimizations: fused projections={fused}, rope={rope_dtype}, "
+    return (f"optimizations: fused projections={fused}, rope={rope_dtype}, rope over head halves={halves}, "
             f"euler-in-graph={opts.euler_in_graph}, precompute={opts.precompute}, compile={compiled}, "
             f"cuda-graphs={opts.cuda_graphs}, "
             f"attention={opts.attention}, text-buckets={opts.text_buckets}, "

@@ -308,7 +308,7 @@ def test_cli_batch_matches_reference_batch(tiny_pipeline_dir, tmp_path, monkeypa
         assert max_pixel_diff(read_png(tmp_path / f"opt-{i}.png"), read_png(tmp_path / f"ref-{i}.png")) <= 2
 
 
-def test_cli_evidence_line_reports_bf16_rope(tiny_pipeline_dir, tmp_path, capsys):
+def test_cli_evidence_line_reports_rope_settings(tiny_pipeline_dir, tmp_path, capsys):
     out = tmp_path / "bf16.png"
     assert oi.main(cli_args(tiny_pipeline_dir, str(out), "--dtype", "bfloat16", "--warmup", "0")) == 0
     evidence = [line for line in capsys.readouterr().out.splitlines() if line.startswith("optimizations:")]
@@ -318,6 +318,9 @@ def test_cli_evidence_line_reports_bf16_rope(tiny_pipeline_dir, tmp_path, capsys
     assert oi.main(cli_args(tiny_pipeline_dir, str(out), "--dtype", "bfloat16", "--warmup", "0",
                             "--no-bf16-rope")) == 0
     assert "rope=float32," in capsys.readouterr().out
+    assert f"rope over head halves={TINY['num_layers'] + TINY['num_single_layers']}," in evidence[0]
+    assert oi.main(cli_args(tiny_pipeline_dir, str(out), "--warmup", "0", "--no-rope-halves")) == 0
+    assert "rope over head halves=0," in capsys.readouterr().out
 
 
 def test_text_buckets_round_t5_length_up_to_128(tiny_pipeline_dir):
