@@ -300,9 +300,11 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     fp8 quantizes the MLP's hidden activations per token, so the compiled kernel computes GELU twice per element
     (once for the row's amax, once for the cast), and with tanh (libdevice's, dozens of instructions) it was bound
     by arithmetic, not memory: the sigmoid form ran the single blocks' kernel in 2/3 of the time (BENCHMARKS.md,
-    run 16). In bf16 the kernels are bound by memory and either form runs as fast.
+    run 16). In bf16 the kernels are bound by memory and either form runs as fast. Computed in float32 and rounded
+    once, as F.gelu does: eager bf16 would round after each of its seven ops (compiled, the casts cost nothing).
     """
-    return x * torch.sigmoid(math.sqrt(8 / math.pi) * (x + 0.044715 * x * x * x))
+    xf = x.float()
+    return (xf * torch.sigmoid(math.sqrt(8 / math.pi) * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -43,12 +43,12 @@ def test_compiled_euler_step_matches_eager(tiny, quantize):
     if not quantize:
         assert ((compiled - eager).norm() / update).item() < 1e-4
         return
-    # fp8: inductor's fused kernels round a few activations to the neighbouring e4m3 value where eager does not
-    # (each such element moves by up to 1/8), so compiled and eager differ by a fraction of fp8's own error (measured
-    # 2.2% against 3.6% for fp8 vs the unquantized model). A wrong scale or layout would be off by order 1.
+    # fp8: inductor's fused kernels round some activations to the neighbouring e4m3 value where eager does not
+    # (each such element moves by up to 1/8; measured 1.99e-2, most of it in the attention block), a
+    # fraction of fp8's own error (3.6% vs the unquantized model). A wrong scale or layout would be off by order 1.
     unquantized = opt.euler_step(tiny.transformer, x, dt, cond)
     fp8_error = ((eager - unquantized).norm() / update).item()
-    assert ((compiled - eager).norm() / update).item() < 5e-2
+    assert ((compiled - eager).norm() / update).item() < 2e-2
     assert ((compiled - unquantized).norm() / update).item() < 1.25 * fp8_error
 
 
