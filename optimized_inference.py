@@ -2,24 +2,6 @@
 
     python optimized_inference.py --prompt "a corgi astronaut on the moon"
 
-Same pipeline and CLI as single_file_inference.py, plus these optimizations, each on by default with a --no-... flag:
-  --no-bf16-rope          RoPE tables and rotation in bf16 (the reference rotates in float32)
-  --no-rope-halves        RoPE rotates channel i with i + D/2 instead of neighbours 2i, 2i+1 (q/k weights permuted
-                          at load time to match): contiguous halves instead of interleaved pairs in the kernels
-  --no-fused-qkv          q/k/v as one matmul per stream; in single blocks q/k/v and the MLP input as one matmul
-  --no-euler-in-graph     the Euler update inside the graphed step (fused with the last projection by
-                          --no-regional-compile's whole-step graph)
-  --no-precompute         RoPE tables, text projection and every block's adaLN modulation for all steps once per
-                          request, outside the step loop
-  --no-compile            torch.compile of the step (and of the VAE decoder) with tuned inductor flags
-  --no-regional-compile   compile the blocks, two graphs shared by all 57, instead of the whole step as one graph
-  --no-cuda-graphs        one CUDA graph per shape, replayed every step: no per-kernel launch cost
-  --attention sdpa        the attention kernel: auto picks cuDNN (or FlashAttention-3/2 when installed) on the GPU
-  --no-text-buckets       T5 length rounded up to a multiple of 128 instead of always 512
-  --no-channels-last-vae  VAE decoder in channels_last (NHWC) layout, which its convolutions run faster in
-and one that is opt-in, because it changes the image a little (--compare-bf16 measures how much):
-  --quantize fp8          the blocks' linear layers in float8 e4m3 (quantize_fp8_)
-
 The pipeline, top to bottom:
   1. encode the prompt twice: CLIP-L gives one pooled vector, T5-XXL gives a sequence of token embeddings;
   2. draw Gaussian noise in the VAE's latent space and pack it into 2x2 patches, one token each;
@@ -29,16 +11,16 @@ The pipeline, top to bottom:
 
 The transformer and the sampler are written out here; tokenizers, text encoders and the VAE come from
 transformers and diffusers. This file mirrors single_file_inference.py section by section, so
-`diff single_file_inference.py optimized_inference.py` reads as the list of optimizations. Beyond one image:
-`--prompts-file` (many prompts, sizes and seeds in one process, batched), BFL single-file checkpoints
-(`--model flux1-dev.safetensors --text-encoders-from ...`), and `torchrun --nproc-per-node N` (each image's tokens
-shared by N GPUs).
+`diff single_file_inference.py optimized_inference.py` reads as the list of optimizations. `Options` below is their
+index: each is on by default, has a --no-... flag and its reason. What goes beyond one image on one GPU lives in
+sibling modules imported only when their flag is used: fp8.py (--quantize fp8), prompts_file.py (--prompts-file,
+--offload-text-encoders), context_parallel.py (torchrun), bfl_checkpoint.py (single-file checkpoints),
+profiling.py (--profile).
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import dataclasses
 import functools
@@ -54,8 +36,6 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
 from safetensors import safe_open
@@ -135,26 +115,79 @@ FLUX_VAE_CONFIG = dict(
 )
 
 
+def optimization(what: str, why: str, exact: bool = True, default=True):
+    """An Options field: on by default, `--no-<name>` switches it off. `exact`: the same bf16 numbers as the
+    reference (False where the rounding changes: tests/test_numerics.py checks both kinds)."""
+    return field(default=default, metadata={"what": what, "why": why, "exact": exact})
+
+
 @dataclass(frozen=True)
 class Options:
-    """The optimizations, one field each; all on by default, each switched off by its --no-... flag."""
+    """The optimizations, in the order a step meets them. The `--no-...` flags, their help and the README's table
+    come from these fields (optimizations_table); describe() reports what the loaded model and its steps show."""
 
-    bf16_rope: bool = True
-    rope_halves: bool = True
-    fused_qkv: bool = True
-    euler_in_graph: bool = True
-    precompute: bool = True
-    compile: bool = True
-    regional_compile: bool = True
-    cuda_graphs: bool = True
-    attention: str = "auto"
-    text_buckets: bool = True
-    channels_last_vae: bool = True
-    inductor_tuning: bool = False  # slow to compile: opt-in
-    # Opt-in: changes the numbers, not only the speed (quantize_fp8_).
+    text_buckets: bool = optimization(
+        "T5 length rounded up to a multiple of 128 instead of always the maximum (512)",
+        "short prompts attend over fewer tokens, with few shapes to compile", exact=False)
+    precompute: bool = optimization(
+        "RoPE tables, the text projection and all 77 adaLN modulations for every step, once per request "
+        "(`Flux.condition`)", "one pass over 6.5 GB of modulation weights per request instead of per step")
+    fused_qkv: bool = optimization(
+        "q/k/v as one matmul per stream; in single blocks q/k/v and the MLP input as one [3072 -> 21504] matmul "
+        "(`fuse_projections`, at load time)", "fewer, larger GEMMs read the activations once")
+    bf16_rope: bool = optimization(
+        "RoPE tables and rotation in bf16", "the reference rotates q and k in float32: extra copies", exact=False)
+    rope_halves: bool = optimization(
+        "RoPE rotates channel j with j + 64 instead of 2j with 2j+1; q/k projection rows and norm weights permuted "
+        "at load time to match (`permute_rope_pairs`)",
+        "the norm + RoPE kernel reads two contiguous halves instead of swapping neighbours: 186 -> 122 us (run 16)",
+        exact=False)
+    rope_per_stream: bool = optimization(
+        "double blocks rotate each stream's q/k before joining text and image",
+        "each stream's norm + RoPE kernel writes straight into the joint q/k: -30 ms bf16, -20 ms fp8 (run 15)")
+    attention: str = optimization(
+        "the attention kernel named per GPU architecture (`--attention`; auto: cuDNN on Hopper)",
+        "on an H200 at FLUX's shape cuDNN runs at ~565 TFLOP/s, SDPA's default flash kernel at ~300",
+        default="auto")
+    sigmoid_gelu: bool = optimization(
+        "GELU's tanh approximation computed as x * sigmoid(2u) (`gelu_tanh`)",
+        "fp8's GELU + amax + cast kernel was bound by libdevice's tanh: 341 -> 232 us (run 16); neutral in bf16",
+        exact=False)
+    euler_in_graph: bool = optimization(
+        "the Euler update inside the graphed step (`euler_step`)", "no separate kernels or host work per step")
+    compile: bool = optimization(
+        "torch.compile (fullgraph) of the transformer and the VAE decoder (`compile_at_load`)",
+        "fuses norms, modulation, RoPE, GELU and residuals into few kernels", exact=False)
+    regional_compile: bool = optimization(
+        "compile per block (`compile_blocks`): the 19 double blocks share one graph, the 38 single blocks another; "
+        "off: the whole step as one graph", "50 s warm-up instead of 178 s, for 1.8% (run 8)")
+    fp8_unsplit_reductions: bool = optimization(
+        "with --quantize fp8: compiled without split reductions (`compile_options`)",
+        "each per-token amax fuses with its cast: 2.770 -> 2.687 s (run 13)")
+    cuda_graphs: bool = optimization(
+        "the step captured once per shape as a CUDA graph and replayed (`CUDAGraphStep`)",
+        "no per-kernel launch cost, no CPU in the loop")
+    channels_last_vae: bool = optimization(
+        "VAE decoder in channels_last", "its convolutions run faster in NHWC")
+    uint8_on_gpu: bool = optimization(
+        "decoded pixels rounded to uint8 on the GPU", "a quarter of the bytes to copy back, no float pass in numpy")
+    # Opt-in: slow to compile, or changes the numbers (fp8.py; --compare-bf16 measures how much).
+    inductor_tuning: bool = False
     quantize: str = "none"  # "fp8": the blocks' linear layers in float8 e4m3
     fp8_keep_bf16: int = 0  # this many blocks at each end of the 57 stay bf16
-    compare_bf16: bool = False  # keep the bf16 model too and report fp8's error against it (compare_bf16)
+    compare_bf16: bool = False  # keep the bf16 model too and report fp8's error against it
+
+
+OPTIMIZATIONS = [f for f in fields(Options) if "why" in f.metadata]
+
+
+def optimizations_table() -> str:
+    """The README's table of optimizations, from Options (tests/test_optimized.py keeps the README in step)."""
+    rows = ["| flag | what | why |", "| --- | --- | --- |"]
+    for f in OPTIMIZATIONS:
+        flag = "--attention" if f.name == "attention" else f"--no-{f.name.replace('_', '-')}"
+        rows.append(f"| `{flag}` | {f.metadata['what']} | {f.metadata['why']} |")
+    return "\n".join(rows)
 
 
 class UserError(Exception):
@@ -209,17 +242,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, halves: bo
 
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "sdpa", "fa2", "fa3")
+# --attention auto: the kernels to try, fastest first, per GPU architecture (major compute capability). Hopper was
+# measured on the lent H200 at FLUX's shape [1, 24, 4608, 128]: cuDNN 535-607 TFLOP/s, FlashAttention-4 444, SDPA's
+# flash kernel (FlashAttention-2) 301 (BENCHMARKS.md); FlashAttention-3 has no wheel to measure. The other
+# architectures keep FlashAttention-2 first, unmeasured here.
+AUTO_ATTENTION = {9: ("cudnn", "fa3", "fa2", "sdpa")}
+AUTO_ATTENTION_OTHER = ("fa2", "cudnn", "sdpa")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa", group=None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
     """Full (unmasked) attention over the joint text+image sequence: [B, S, H, D] -> [B, S, H*D].
 
-    The backend is named, not left to SDPA's heuristics: on H100 cuDNN's kernel runs at ~550 TFLOP/s at FLUX's
-    shapes, FlashAttention-2 inside PyTorch at ~320. With a process `group` (torchrun) each rank holds only its share
-    of the tokens: see context_parallel_attention.
+    The backend is named, not left to SDPA's heuristics, which pick the flash kernel at half cuDNN's rate on Hopper.
     """
-    if group is not None:
-        return context_parallel_attention(q, k, v, backend, group)
     if backend in ("fa2", "fa3"):  # FlashAttention packages take [B, S, H, D] as is
         out = FLASH_ATTN_FUNCS[backend](q, k, v)
         return (out[0] if isinstance(out, tuple) else out).flatten(2)
@@ -237,56 +272,26 @@ FLASH_ATTN_FUNCS = {}
 
 
 def resolve_attention(backend: str, device: torch.device) -> str:
-    """`auto`: FlashAttention-3 (Hopper) or -2 when installed, else cuDNN on a GPU that has it, else plain SDPA."""
+    """The kernel `backend` names, checked to exist here; `auto`: the first available of AUTO_ATTENTION's list."""
     if device.type != "cuda":
         if backend not in ("auto", "sdpa"):
             raise UserError(f"--attention {backend} needs CUDA")
         return "sdpa"
-    hopper = torch.cuda.get_device_capability(device)[0] == 9
-    candidates = {"auto": (["fa3"] if hopper else []) + ["fa2", "cudnn", "sdpa"]}.get(backend, [backend])
-    for name in candidates:
-        if name == "fa3":
+    major = torch.cuda.get_device_capability(device)[0]
+    for name in AUTO_ATTENTION.get(major, AUTO_ATTENTION_OTHER) if backend == "auto" else [backend]:
+        if name in ("fa2", "fa3"):
             try:
-                from flash_attn_interface import flash_attn_func
+                if name == "fa3":
+                    from flash_attn_interface import flash_attn_func
+                else:
+                    from flash_attn import flash_attn_func
             except ImportError:
                 continue
-            FLASH_ATTN_FUNCS["fa3"] = flash_attn_func
-        elif name == "fa2":
-            try:
-                from flash_attn import flash_attn_func
-            except ImportError:
-                continue
-            FLASH_ATTN_FUNCS["fa2"] = flash_attn_func
+            FLASH_ATTN_FUNCS[name] = flash_attn_func
         elif name == "cudnn" and not torch.backends.cudnn.is_available():
             continue
         return name
     raise UserError(f"--attention {backend} is not available here (FlashAttention needs the flash-attn package)")
-
-
-def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
-    """Cut x into N equal pieces along scatter_dim, send piece i to rank i of `group`, and join the N pieces received
-    along gather_dim in rank order. A functional collective, so torch.compile traces it into the compiled graph
-    (the block's, or the whole step's) and a CUDA graph can capture it, instead of breaking the graph there as
-    torch.distributed.all_to_all would."""
-    pieces = torch.stack(x.chunk(group.size(), dim=scatter_dim))  # [N, ...]: piece i goes to rank i
-    pieces = funcol.all_to_all_single(pieces, None, None, group)  # [N, ...]: piece i came from rank i
-    return torch.cat(pieces.unbind(0), dim=gather_dim)
-
-
-def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
-                               group) -> torch.Tensor:
-    """attention() over a sequence spread across the N ranks of `group`: q, k, v [B, S/N, H, D] -> [B, S/N, H*D].
-
-    Ulysses-style: an all-to-all trades "all heads of my tokens" for "H/N heads of all tokens", attention runs as on
-    one GPU, and a second all-to-all trades back. Each rank's rows are [its text tokens, its image tokens], RoPE
-    already applied, so the gathered sequence is the single-GPU one permuted. Unmasked attention does not mind: every
-    query still sums over every key, and each output row follows its query back to the rank it came from.
-    """
-    # q, k and v in one collective: fewer, larger messages.
-    qkv = all_to_all(torch.stack([q, k, v]), scatter_dim=3, gather_dim=2, group=group)  # [3, B, S, H/N, D]
-    out = attention(*qkv.unbind(0), backend)  # [B, S, H/N * D]
-    out = all_to_all(out.unflatten(-1, (-1, q.shape[-1])), scatter_dim=1, gather_dim=2, group=group)
-    return out.flatten(2)  # [B, S/N, H*D]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -311,44 +316,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     """RMSNorm of q/k per head: x / sqrt(mean(x^2) + eps) * weight. torch's op accumulates in float32 and runs as
     one kernel on the GPU; the same op diffusers uses, so bf16 results match it bit for bit."""
     return F.rms_norm(x, weight.shape, weight, eps)
-
-
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: float8 e4m3 has 4 exponent bits, 3 mantissa bits
-
-
-def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] -> (q, scale): float8 e4m3 values and one float32 scale per row [..., 1], with x ~ q * scale.
-
-    Each row is scaled so that its largest magnitude lands on 448, e4m3's largest value; the 3-bit mantissa then
-    rounds every element to within 2^-4 of itself (relative), down to 1/28672 of the row's maximum, where e4m3's
-    subnormals begin. One scale per row (per output channel of a weight, per token of an activation): an outlier
-    costs precision only in its own row. Plain torch ops, so torch.compile fuses them into the kernel producing x.
-    """
-    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
-    # One reciprocal per row and a multiply per element, not a division per element (fewer instructions in the
-    # compiled kernel). x * (448 / amax) can round to just past 448; a cast out of range saturates or gives NaN,
-    # by torch version and device.
-    return (x.float() * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), amax / FP8_MAX
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two uint8 images, in dB (inf when identical)."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Structural similarity of two uint8 images [..., H, W, 3] (Wang et al. 2004: 11x11 Gaussian window of sigma
-    1.5, over the window positions inside the image), averaged over positions, channels and images; 1: identical."""
-    x, y = (torch.from_numpy(im.reshape(-1, *im.shape[-3:]).transpose(0, 3, 1, 2).astype(np.float64))
-            .flatten(0, 1)[:, None] for im in (a, b))  # [images * 3, 1, H, W]: each channel on its own
-    g = torch.exp(-((torch.arange(11) - 5) ** 2) / (2 * 1.5**2)).double()
-    window = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
-    mean = lambda t: F.conv2d(t, window)  # noqa: E731  local means under the window
-    mx, my = mean(x), mean(y)
-    vx, vy, cov = mean(x * x) - mx**2, mean(y * y) - my**2, mean(x * y) - mx * my
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    return ((2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))).mean().item()
 
 
 def latent_grid(height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:
@@ -458,44 +425,21 @@ class QKNorm(nn.Module):
         return rms_norm(x, self.weight)
 
 
+def gelu_reference(x: torch.Tensor) -> torch.Tensor:
+    """The reference's GELU (--no-sigmoid-gelu)."""
+    return F.gelu(x, approximate="tanh")
+
+
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, opts: Options):
         super().__init__()
         # Index 1 is diffusers' dropout slot: kept empty so the keys read ff.net.0.proj / ff.net.2.
         self.net = nn.ModuleList([nn.Module(), nn.Identity(), nn.Linear(hidden, dim)])
         self.net[0].proj = nn.Linear(dim, hidden)
+        self.act = gelu_tanh if opts.sigmoid_gelu else gelu_reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](gelu_tanh(self.net[0].proj(x)))
-
-
-# Hopper's fp8 tensor cores accumulate with fewer bits than float32. "Fast" accumulation keeps the sums there for the
-# whole reduction; the slower mode adds them into float32 registers every few steps. Fast is the usual choice for
-# inference; the GPU test in tests/test_fp8.py measures the error and speed of both.
-FP8_FAST_ACCUM = True
-
-
-class Float8Linear(nn.Module):
-    """An nn.Linear run in float8 e4m3 (--quantize fp8): twice bf16's tensor-core rate on Ada and Hopper GPUs.
-
-    The weight is quantized once, per output channel; each call quantizes its input per token, and one
-    torch._scaled_mm multiplies the e4m3 operands, applies both scales, adds the bias and writes bf16.
-    """
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight, scale = quantize_fp8(linear.weight.detach())
-        # Stored [out, in] row-major, so weight.t() is the column-major [in, out] operand _scaled_mm requires.
-        self.register_buffer("weight", weight)
-        self.register_buffer("scale", scale.reshape(1, -1))  # [1, out]: one scale per output column
-        self.register_buffer("bias", linear.bias.detach().to(torch.bfloat16))  # the fused bias must be bf16
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale = quantize_fp8(x.reshape(-1, self.in_features))  # [tokens, in]: _scaled_mm takes 2-D operands
-        out = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.scale, bias=self.bias,
-                               out_dtype=torch.bfloat16, use_fast_accum=FP8_FAST_ACCUM)
-        return out.view(*x.shape[:-1], self.out_features)
+        return self.net[2](self.act(self.net[0].proj(x)))
 
 
 class DoubleAttention(nn.Module):
@@ -503,9 +447,9 @@ class DoubleAttention(nn.Module):
 
     def __init__(self, dim: int, head_dim: int, opts: Options):
         super().__init__()
-        self.head_dim, self.fused, self.backend = head_dim, opts.fused_qkv, opts.attention
+        self.head_dim, self.fused, self.per_stream = head_dim, opts.fused_qkv, opts.rope_per_stream
         self.halves = opts.rope_halves
-        self.group = None  # the context-parallel process group under torchrun (enable_context_parallel)
+        self.attend = attention  # the model's attention kernel: Flux.set_attention
         if self.fused:  # filled by fuse_projections() at load time
             self.to_qkv, self.to_added_qkv = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim)
         else:
@@ -525,14 +469,15 @@ class DoubleAttention(nn.Module):
         else:
             iq, ik, iv = heads(self.to_q(img)), heads(self.to_k(img)), heads(self.to_v(img))
             tq, tk, tv = heads(self.add_q_proj(txt)), heads(self.add_k_proj(txt)), heads(self.add_v_proj(txt))
-        # RoPE per stream, then the concatenation: compiled, each stream's norm and rotation are one kernel writing
-        # straight into the joint q/k, where rotating the joined tensor needed it written and read once more.
-        txt_pe, img_pe = zip(*(t.split([txt.shape[1], img.shape[1]]) for t in pe), strict=True)
+        tq, tk, iq, ik = self.norm_added_q(tq), self.norm_added_k(tk), self.norm_q(iq), self.norm_k(ik)
         rot = functools.partial(apply_rope, halves=self.halves)
-        q = torch.cat([rot(self.norm_added_q(tq), *txt_pe), rot(self.norm_q(iq), *img_pe)], dim=1)
-        k = torch.cat([rot(self.norm_added_k(tk), *txt_pe), rot(self.norm_k(ik), *img_pe)], dim=1)
-        v = torch.cat([tv, iv], dim=1)
-        out = attention(q, k, v, self.backend, self.group)  # [B, L_txt + L_img, H*D]
+        if self.per_stream:  # compiled, each stream's norm + RoPE is one kernel writing straight into the joint q/k
+            txt_pe, img_pe = zip(*(t.split([txt.shape[1], img.shape[1]]) for t in pe), strict=True)
+            q = torch.cat([rot(tq, *txt_pe), rot(iq, *img_pe)], dim=1)
+            k = torch.cat([rot(tk, *txt_pe), rot(ik, *img_pe)], dim=1)
+        else:
+            q, k = rot(torch.cat([tq, iq], dim=1), *pe), rot(torch.cat([tk, ik], dim=1), *pe)
+        out = self.attend(q, k, torch.cat([tv, iv], dim=1))  # [B, L_txt + L_img, hidden]
         txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)
         return self.to_out[0](img_out), self.to_add_out(txt_out)
 
@@ -545,10 +490,10 @@ class DoubleStreamBlock(nn.Module):
         dim, hidden = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
         self.norm1, self.norm1_context = AdaNorm(dim, 6), AdaNorm(dim, 6)
         self.attn = DoubleAttention(dim, cfg.attention_head_dim, opts)
-        self.ff, self.ff_context = FeedForward(dim, hidden), FeedForward(dim, hidden)
+        self.ff, self.ff_context = FeedForward(dim, hidden, opts), FeedForward(dim, hidden, opts)
 
     def forward(self, img, txt, mod, pe):
-        img_mod, txt_mod = mod.chunk(2, dim=-1)
+        img_mod, txt_mod = mod.chunk(2, dim=-1)  # this block's slice of the precomputed modulations
         shift1, scale1, gate1, shift2, scale2, gate2 = img_mod.chunk(6, dim=-1)
         c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = txt_mod.chunk(6, dim=-1)
         img_attn, txt_attn = self.attn(modulate(img, shift1, scale1), modulate(txt, c_shift1, c_scale1), pe)
@@ -562,17 +507,16 @@ class DoubleStreamBlock(nn.Module):
 class SingleAttention(nn.Module):
     def __init__(self, dim: int, head_dim: int, opts: Options):
         super().__init__()
-        self.head_dim, self.backend, self.halves = head_dim, opts.attention, opts.rope_halves
-        self.group = None  # the context-parallel process group under torchrun (enable_context_parallel)
+        self.head_dim, self.halves = head_dim, opts.rope_halves
+        self.attend = attention  # the model's attention kernel: Flux.set_attention
         if not opts.fused_qkv:
             self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.norm_q, self.norm_k = QKNorm(head_dim), QKNorm(head_dim)
 
-    def forward(self, q, k, v, pe):
+    def forward(self, q, k, v, pe):  # the projections are the block's (fused with its MLP input)
         heads = lambda t: t.unflatten(-1, (-1, self.head_dim))  # noqa: E731
         q, k, v = self.norm_q(heads(q)), self.norm_k(heads(k)), heads(v)
-        return attention(apply_rope(q, *pe, self.halves), apply_rope(k, *pe, self.halves), v, self.backend,
-                         self.group)
+        return self.attend(apply_rope(q, *pe, self.halves), apply_rope(k, *pe, self.halves), v)
 
 
 class SingleStreamBlock(nn.Module):
@@ -581,7 +525,7 @@ class SingleStreamBlock(nn.Module):
     def __init__(self, cfg: FluxConfig, opts: Options):
         super().__init__()
         dim, hidden = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
-        self.fused, self.dim = opts.fused_qkv, dim
+        self.fused, self.dim, self.act = opts.fused_qkv, dim, gelu_tanh if opts.sigmoid_gelu else gelu_reference
         self.norm = AdaNorm(dim, 3)
         self.attn = SingleAttention(dim, cfg.attention_head_dim, opts)
         if self.fused:  # q, k, v and the MLP input read the same activations: one [dim, 3 dim + hidden] matmul
@@ -598,8 +542,7 @@ class SingleStreamBlock(nn.Module):
                                                      - 3 * self.dim], dim=-1)
         else:
             q, k, v, mlp = self.attn.to_q(h), self.attn.to_k(h), self.attn.to_v(h), self.proj_mlp(h)
-        mlp = gelu_tanh(mlp)
-        return x + gate[:, None] * self.proj_out(torch.cat([self.attn(q, k, v, pe), mlp], dim=-1))
+        return x + gate[:, None] * self.proj_out(torch.cat([self.attn(q, k, v, pe), self.act(mlp)], dim=-1))
 
 
 class Flux(nn.Module):
@@ -618,6 +561,13 @@ class Flux(nn.Module):
         # Every adaLN projection, in the order forward() consumes them from one concatenated modulation vector.
         self.ada_norms = [m for b in self.transformer_blocks for m in (b.norm1, b.norm1_context)]
         self.ada_norms += [b.norm for b in self.single_transformer_blocks] + [self.norm_out]
+        self.set_attention(functools.partial(attention, backend=opts.attention))
+
+    def set_attention(self, attend) -> None:
+        """One attention function for every block; one object, so the blocks still share their compiled graphs."""
+        for module in self.modules():
+            if isinstance(module, (DoubleAttention, SingleAttention)):
+                module.attend = attend
 
     def condition(self, txt, txt_ids, img_ids, timestep, guidance, pooled) -> dict[str, torch.Tensor]:
         """Everything the blocks need that does not depend on the latents: one call can serve all steps.
@@ -742,7 +692,9 @@ def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], dtype)
 
 
 def prepare_state(state: dict[str, torch.Tensor], cfg: FluxConfig, opts: Options) -> dict[str, torch.Tensor]:
-    """The load-time weight transforms the options ask for, on diffusers' key names, in place."""
+    """The load-time weight transforms, on diffusers' key names, in place and in this order: RoPE's row permutation
+    (on the separate q/k weights), then the fusion of q/k/v (and the single blocks' MLP input). fp8 quantization, if
+    asked for, comes after the strict load (optimize), so it quantizes the permuted, fused matrices."""
     if opts.rope_halves:
         state = permute_rope_pairs(state, cfg.attention_head_dim)
     if opts.fused_qkv:
@@ -787,131 +739,12 @@ def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-# Black Forest Labs' original single-file checkpoints (flux1-dev.safetensors) name things differently.
-BFL_RENAMES = [  # (BFL key pattern, diffusers key) — applied to ".weight"/".bias"/".scale" stems
-    (r"img_in", "x_embedder"), (r"txt_in", "context_embedder"),
-    (r"time_in\.in_layer", "time_text_embed.timestep_embedder.linear_1"),
-    (r"time_in\.out_layer", "time_text_embed.timestep_embedder.linear_2"),
-    (r"guidance_in\.in_layer", "time_text_embed.guidance_embedder.linear_1"),
-    (r"guidance_in\.out_layer", "time_text_embed.guidance_embedder.linear_2"),
-    (r"vector_in\.in_layer", "time_text_embed.text_embedder.linear_1"),
-    (r"vector_in\.out_layer", "time_text_embed.text_embedder.linear_2"),
-    (r"double_blocks\.(\d+)\.img_mod\.lin", r"transformer_blocks.\1.norm1.linear"),
-    (r"double_blocks\.(\d+)\.txt_mod\.lin", r"transformer_blocks.\1.norm1_context.linear"),
-    (r"double_blocks\.(\d+)\.img_attn\.norm\.query_norm", r"transformer_blocks.\1.attn.norm_q"),
-    (r"double_blocks\.(\d+)\.img_attn\.norm\.key_norm", r"transformer_blocks.\1.attn.norm_k"),
-    (r"double_blocks\.(\d+)\.txt_attn\.norm\.query_norm", r"transformer_blocks.\1.attn.norm_added_q"),
-    (r"double_blocks\.(\d+)\.txt_attn\.norm\.key_norm", r"transformer_blocks.\1.attn.norm_added_k"),
-    (r"double_blocks\.(\d+)\.img_attn\.proj", r"transformer_blocks.\1.attn.to_out.0"),
-    (r"double_blocks\.(\d+)\.txt_attn\.proj", r"transformer_blocks.\1.attn.to_add_out"),
-    (r"double_blocks\.(\d+)\.img_mlp\.0", r"transformer_blocks.\1.ff.net.0.proj"),
-    (r"double_blocks\.(\d+)\.img_mlp\.2", r"transformer_blocks.\1.ff.net.2"),
-    (r"double_blocks\.(\d+)\.txt_mlp\.0", r"transformer_blocks.\1.ff_context.net.0.proj"),
-    (r"double_blocks\.(\d+)\.txt_mlp\.2", r"transformer_blocks.\1.ff_context.net.2"),
-    (r"single_blocks\.(\d+)\.modulation\.lin", r"single_transformer_blocks.\1.norm.linear"),
-    (r"single_blocks\.(\d+)\.norm\.query_norm", r"single_transformer_blocks.\1.attn.norm_q"),
-    (r"single_blocks\.(\d+)\.norm\.key_norm", r"single_transformer_blocks.\1.attn.norm_k"),
-    (r"single_blocks\.(\d+)\.linear2", r"single_transformer_blocks.\1.proj_out"),
-    (r"final_layer\.linear", "proj_out"), (r"final_layer\.adaLN_modulation\.1", "norm_out.linear"),
-]
-BFL_SPLITS = [  # one BFL matmul -> diffusers' separate ones, in output-row order
-    (r"double_blocks\.(\d+)\.img_attn\.qkv", [r"transformer_blocks.\1.attn.to_" + p for p in "qkv"]),
-    (r"double_blocks\.(\d+)\.txt_attn\.qkv", [r"transformer_blocks.\1.attn.add_" + p + "_proj" for p in "qkv"]),
-    (r"single_blocks\.(\d+)\.linear1", [r"single_transformer_blocks.\1.attn.to_" + p for p in "qkv"]
-     + [r"single_transformer_blocks.\1.proj_mlp"]),
-]
-
-
-def bfl_to_diffusers(state: dict[str, torch.Tensor], hidden: int) -> dict[str, torch.Tensor]:
-    """Rename (and split) a BFL-layout transformer state dict into diffusers' key names; unknown keys are kept as
-    they are, so the strict load names them."""
-    out = {}
-    for key, tensor in state.items():
-        stem, _, kind = key.rpartition(".")
-        kind = "weight" if kind == "scale" else kind  # BFL's RMSNorm calls its weight "scale"
-        for pattern, targets in BFL_SPLITS:
-            if re.fullmatch(pattern, stem):
-                sizes = [hidden] * 3 + ([tensor.shape[0] - 3 * hidden] if len(targets) == 4 else [])
-                for target, part in zip(targets, tensor.split(sizes), strict=True):
-                    out[f"{re.sub(pattern, target, stem)}.{kind}"] = part
-                break
-        else:
-            for pattern, target in BFL_RENAMES:
-                if re.fullmatch(pattern, stem):
-                    if target == "norm_out.linear":  # BFL: (shift, scale); diffusers: (scale, shift)
-                        tensor = torch.cat(tensor.chunk(2)[::-1])
-                    out[f"{re.sub(pattern, target, stem)}.{kind}"] = tensor
-                    break
-            else:
-                out[key] = tensor
-    return out
-
-
-def config_from_bfl(state: dict[str, torch.Tensor], scheduler_config: dict, axes_dims_rope=(16, 56, 56)) -> FluxConfig:
-    """A single-file checkpoint has no config.json: read the sizes off the tensors' shapes (all but the RoPE split
-    of the head dimension, which only a config states; FLUX.1's is the default)."""
-    try:
-        hidden, in_channels = state["img_in.weight"].shape
-        head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-        sizes = dict(
-            in_channels=in_channels, attention_head_dim=head_dim, num_attention_heads=hidden // head_dim,
-            num_layers=len({k.split(".")[1] for k in state if k.startswith("double_blocks.")}),
-            num_single_layers=len({k.split(".")[1] for k in state if k.startswith("single_blocks.")}),
-            joint_attention_dim=state["txt_in.weight"].shape[1],
-            pooled_projection_dim=state["vector_in.in_layer.weight"].shape[1],
-            guidance_embeds="guidance_in.in_layer.weight" in state, axes_dims_rope=axes_dims_rope,
-        )
-    except KeyError as e:
-        raise UserError(f"not a FLUX transformer checkpoint in Black Forest Labs' layout: no {e.args[0]}") from e
-    return config_from_checkpoint(sizes, scheduler_config)
-
-
-def load_bfl_transformer(file: str, scheduler_config: dict, axes_dims_rope, opts: Options, device,
-                         dtype) -> tuple[Flux, FluxConfig]:
-    with safe_open(file, framework="pt", device=str(device)) as f:
-        state = {key: f.get_tensor(key) for key in f.keys()}
-    cfg = config_from_bfl(state, scheduler_config, axes_dims_rope)
-    with torch.device("meta"):
-        model = Flux(cfg, opts)
-    state = prepare_state(bfl_to_diffusers(state, cfg.hidden_size), cfg, opts)
-    load_weights_strict(model, state, dtype)
-    return model.eval(), cfg
-
-
 def load_transformer(directory: str, cfg: FluxConfig, opts: Options, device, dtype) -> Flux:
     with torch.device("meta"):
         model = Flux(cfg, opts)
     state = prepare_state(transformer_state_dict(directory, device), cfg, opts)
     load_weights_strict(model, state, dtype)
     return model.eval()
-
-
-@torch.no_grad()
-def quantize_fp8_(model: Flux, keep_bf16: int = 0) -> Flux:
-    """--quantize fp8: every linear layer inside the blocks becomes a Float8Linear, in place, once at load time.
-
-    That is over 99.9% of a step's matmul FLOP; fused projections (to_qkv, to_added_qkv, to_qkv_mlp) are linear
-    layers like the others. Left in bf16: the adaLN projections (with --precompute they run once per request, not
-    per step: fp8 would add error and save nothing), the embedders and the final projection (outside the blocks,
-    tiny), and with `keep_bf16` (--fp8-keep-bf16) that many blocks at each end of the model.
-    """
-    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
-    for block in blocks[keep_bf16:len(blocks) - keep_bf16]:
-        adaln = {id(m.linear) for m in block.modules() if isinstance(m, AdaNorm)}
-        for name, module in list(block.named_modules()):
-            if isinstance(module, nn.Linear) and id(module) not in adaln:
-                parent, _, attr = name.rpartition(".")
-                setattr(block.get_submodule(parent), attr, Float8Linear(module))
-    return model
-
-
-def bf16_twin(model: Flux) -> Flux:
-    """A second Flux over the very same weight tensors (no copy): quantizing `model` afterwards leaves the twin in
-    bf16, so --compare-bf16 costs only the fp8 weights (8.6 GB at FLUX.1-dev size)."""
-    with torch.device("meta"):
-        twin = Flux(model.cfg, model.opts)
-    twin.load_state_dict(model.state_dict(), assign=True)
-    return twin.eval().requires_grad_(False)
 
 
 class ByteTokenizer:
@@ -957,8 +790,9 @@ class Pipeline:
     steps: OrderedDict = field(default_factory=OrderedDict)  # (latent, text shape) -> step, least recent first
     max_steps: int = 8  # --max-graphs
     build_s: float = 0.0  # time spent compiling and capturing steps so far
+    seen: dict = field(default_factory=dict)  # what the last request's code paths did, for describe()
     bf16_transformer: nn.Module | None = None  # --compare-bf16: the model the fp8 one was quantized from
-    group: dist.ProcessGroup | None = None  # under torchrun: the ranks sharing each image (enable_context_parallel)
+    group: object = None  # under torchrun: the ranks sharing each image (context_parallel.py)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -1018,17 +852,10 @@ def load_pipeline(model: str, device, dtype, opts: Options, random_weights: bool
                 t5 = T5EncoderModel(T5Config(**T5_XXL_CONFIG))
                 vae = AutoencoderKL(**FLUX_VAE_CONFIG)
         name = f"{model} (random weights)"
-    elif model.endswith(".safetensors"):  # BFL's single file: everything but the transformer from elsewhere
-        if not os.path.isfile(model):
-            raise UserError(f"--model {model!r} does not exist")
-        if text_encoders_from is None:
-            raise UserError("a single-file transformer checkpoint needs --text-encoders-from (a diffusers-layout "
-                            "directory or hub id for the text encoders, tokenizers, VAE and scheduler)")
-        path = resolve_model_dir(text_encoders_from, tuple(c for c in COMPONENTS if c != "transformer"))
-        scheduler = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
-        config = os.path.join(path, "transformer", "config.json")
-        axes = tuple(read_json(config)["axes_dims_rope"]) if os.path.exists(config) else (16, 56, 56)
-        transformer, cfg = load_bfl_transformer(model, scheduler, axes, opts, device, dtype)
+    elif model.endswith(".safetensors"):  # Black Forest Labs' single file: the rest from --text-encoders-from
+        from bfl_checkpoint import load_bfl_pipeline_parts
+
+        transformer, cfg, path = load_bfl_pipeline_parts(model, text_encoders_from, opts, device, dtype)
         clip_tok, t5_tok = load_tokenizers(path, text_encoders_from)
         name = f"{model} + {text_encoders_from}"
     else:
@@ -1048,26 +875,29 @@ def load_pipeline(model: str, device, dtype, opts: Options, random_weights: bool
     for m in (clip, t5, vae):
         m.eval().requires_grad_(False)
     transformer.requires_grad_(False)
-    bf16_transformer = bf16_twin(transformer) if opts.compare_bf16 else None
-    if opts.quantize == "fp8":
-        quantize_fp8_(transformer, opts.fp8_keep_bf16)
     if offload_text_encoders:
+        from prompts_file import offload_layerwise
+
         offload_layerwise(clip, device), offload_layerwise(t5, device)
-    if opts.channels_last_vae:
-        vae.to(memory_format=torch.channels_last)
-    if opts.compile:
-        compile_at_load(transformer, vae, opts)
+    bf16_transformer = optimize(transformer, vae, opts)
     return Pipeline(cfg, transformer, clip, t5, clip_tok, t5_tok, vae, name, torch.device(device), dtype, opts,
                     bf16_transformer=bf16_transformer)
 
 
-def offload_layerwise(encoder: nn.Module, device) -> None:
-    """--offload-text-encoders: the weights live in CPU memory and each layer is copied to the GPU for its own forward
-    only (accelerate's sequential offload). Moving a whole encoder in to encode would not lower the peak: T5's 9.5 GB
-    would sit next to the transformer's 23.8 GB while encoding."""
-    from accelerate import cpu_offload
+def optimize(transformer: Flux, vae: nn.Module, opts: Options) -> Flux | None:
+    """What is applied to the loaded models, in this order (the weight transforms before it are in prepare_state,
+    the rest of Options in the code paths it names). Returns the bf16 model for --compare-bf16, else None."""
+    bf16 = None
+    if opts.quantize == "fp8":  # opt-in, lossy: the blocks' matmuls at twice bf16's rate (fp8.py)
+        import fp8
 
-    cpu_offload(encoder, execution_device=torch.device(device))
+        bf16 = fp8.bf16_twin(transformer) if opts.compare_bf16 else None
+        fp8.quantize_fp8_(transformer, opts.fp8_keep_bf16)
+    if opts.channels_last_vae:  # the decoder's convolutions run faster in NHWC
+        vae.to(memory_format=torch.channels_last)
+    if opts.compile:  # fuses the elementwise work around the matmuls into few kernels
+        compile_at_load(transformer, vae, opts)
+    return bf16
 
 
 def default_compile_cache() -> str:
@@ -1104,19 +934,18 @@ def configure_inductor() -> None:
 def compile_options(opts: Options) -> dict:
     """Inductor options for the transformer's graphs (not the VAE's).
 
-    fp8: no split reductions. Each fp8 matmul's input needs its per-token amax first; by default inductor splits the
-    amax over the single blocks' 15360-wide MLP rows into chunks, in a kernel of its own, then reads the rows again
-    to cast them. Unsplit, the amax and the cast can fuse into one kernel that reads each row a second time while it
-    is still in L2, as inductor already did for the double blocks' 12288-wide rows (run 11's profile; the unsplit
-    kernels themselves were not profiled). Measured on an H100 (BENCHMARKS.md, run 13): fp8 denoiser
-    2.770 -> 2.687 s, and 13 s less compile.
+    fp8 (--no-fp8-unsplit-reductions to switch off): each fp8 matmul's input needs its per-token amax first; by
+    default inductor splits the amax over the single blocks' 15360-wide MLP rows into chunks, in a kernel of its own,
+    then reads the rows again to cast them. Unsplit, the amax and the cast fuse into one kernel that reads each row a
+    second time while it is still in L2. Measured on an H100 (BENCHMARKS.md, run 13): fp8 denoiser 2.770 -> 2.687 s,
+    and 13 s less compile.
 
     --inductor-tuning: minutes more compile for a few percent, so opt-in. Coordinate descent tunes the block sizes of
     inductor's own kernels; max_autotune_gemm times Triton matmul templates (persistent TMA ones on Hopper) against
     cuBLAS at every GEMM shape. The VAE decoder compiles without them: its convolutions alone took over 3 minutes of
     autotuning (run 11), for 1% of the image's time.
     """
-    options = {"split_reductions": False} if opts.quantize == "fp8" else {}
+    options = {"split_reductions": False} if opts.quantize == "fp8" and opts.fp8_unsplit_reductions else {}
     if opts.inductor_tuning:
         options |= {"coordinate_descent_tuning": True, "max_autotune_gemm": True}
         if torch.cuda.get_device_capability()[0] >= 9:
@@ -1144,6 +973,7 @@ def compile_blocks(model: Flux, options: dict | None = None) -> None:
     """
     for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
         block.compile(fullgraph=True, dynamic=False, options=options)
+    model.compile_options = options or {}  # what the blocks were compiled with, for describe()
 
 
 def effective_options(opts: Options, device: torch.device) -> Options:
@@ -1154,43 +984,48 @@ def effective_options(opts: Options, device: torch.device) -> Options:
     if opts.inductor_tuning and not opts.compile:
         raise UserError("--inductor-tuning needs torch.compile (CUDA, and no --no-compile)")
     if opts.quantize == "fp8":
+        from fp8 import check_fp8_support
+
         check_fp8_support(device)
     return dataclasses.replace(opts, attention=resolve_attention(opts.attention, device))
 
 
-def check_fp8_support(device: torch.device) -> None:
-    """float8 matmuls run on GPUs of compute capability 8.9 or newer (L4, L40S, H100, B200); on the CPU torch
-    emulates them (slowly), so the whole fp8 path runs in the CPU tests too."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
-        raise UserError(f"--quantize fp8 needs float8 tensor cores (compute capability 8.9 or newer, e.g. L4, H100); "
-                        f"{torch.cuda.get_device_name(device)} has {capability}")
-    try:  # the rowwise-scaled matmul itself, which older torch builds lack on some devices
-        probe = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
-        Float8Linear(nn.Linear(16, 16, device=device, dtype=torch.bfloat16))(probe)
-    except (RuntimeError, NotImplementedError) as e:
-        raise UserError(f"--quantize fp8: torch {torch.__version__} has no rowwise-scaled float8 matmul on "
-                        f"{device} ({str(e).splitlines()[0]})") from e
-
-
 def describe(pipe: Pipeline) -> str:
-    """Evidence that each optimization applied, read off the loaded model rather than the flags."""
-    model, opts = pipe.transformer, pipe.opts
-    fused = sum(isinstance(getattr(m, name, None), (nn.Linear, Float8Linear)) for m in model.modules()
-                for name in ("to_qkv", "to_added_qkv", "to_qkv_mlp"))
-    fp8 = sum(isinstance(m, Float8Linear) for m in model.modules())
-    rope_dtype = str(pipe.dtype).removeprefix("torch.") if opts.bf16_rope else "float32"
-    halves = sum(isinstance(m, (DoubleAttention, SingleAttention)) and m.halves for m in model.modules())
-    blocks = sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
-    compiled = f"{blocks} blocks" if blocks else "whole step" if opts.compile else "off"
-    if opts.compile and (options := compile_options(opts)):
-        compiled += f" ({', '.join(f'{k}={v}' for k, v in options.items())})"
-    return (f"optimizations: fused projections={fused}, rope={rope_dtype}, rope over head halves={halves}, "
-            f"euler-in-graph={opts.euler_in_graph}, precompute={opts.precompute}, compile={compiled}, "
-            f"cuda-graphs={opts.cuda_graphs}, "
-            f"attention={opts.attention}, text-buckets={opts.text_buckets}, "
-            f"channels-last-vae={next(pipe.vae.parameters()).is_contiguous(memory_format=torch.channels_last)}, "
-            f"fp8 linear layers={fp8}")
+    """Evidence that each optimization applied, read off the loaded model and what the last request ran (pipe.seen),
+    never off the flags."""
+    model, seen = pipe.transformer, pipe.seen
+    modules = list(model.modules())
+    count = lambda test: sum(1 for m in modules if test(m))  # noqa: E731
+    fp8 = sys.modules.get("fp8")  # never imported: no fp8 layer can exist
+    attends = {(m.attend.func.__name__, m.attend.keywords["backend"]) for m in modules
+               if isinstance(m, (DoubleAttention, SingleAttention))}
+    blocks = count(lambda m: getattr(m, "_compiled_call_impl", None) is not None)
+    compiled = f"{blocks} blocks" if blocks else "whole step" if seen.get("whole_step_compiled") else "off"
+    if blocks and model.compile_options:
+        compiled += f" ({', '.join(f'{k}={v}' for k, v in model.compile_options.items())})"
+    rope_dtype = seen.get("rope_dtype")
+    if "per_step_inputs" in seen:  # --no-precompute: the tables are made inside the step; make them once more here
+        with torch.no_grad():
+            rope_dtype = str(model.condition(**seen["per_step_inputs"])["cos"].dtype).removeprefix("torch.")
+    parts = {
+        "T5 tokens": seen.get("t5_tokens"),
+        "conditioning": seen.get("conditioning"),
+        "fused projections": sum(isinstance(getattr(m, n, None), nn.Module) for m in modules
+                                 for n in ("to_qkv", "to_added_qkv", "to_qkv_mlp")),
+        "rope": rope_dtype,
+        "rope over head halves": count(lambda m: getattr(m, "halves", False)),
+        "rope per stream": count(lambda m: getattr(m, "per_stream", False)),
+        "attention": ", ".join(f"{fn}:{backend}" for fn, backend in sorted(attends)),
+        "sigmoid gelu": count(lambda m: getattr(m, "act", None) is gelu_tanh),
+        "step": seen.get("step"),
+        "compile": compiled,
+        "vae compiled": hasattr(pipe.vae.decode, "_torchdynamo_orig_callable"),
+        "cuda graphs": sum(isinstance(s, CUDAGraphStep) for s in pipe.steps.values()),
+        "channels-last vae": next(pipe.vae.parameters()).is_contiguous(memory_format=torch.channels_last),
+        "uint8 on": seen.get("uint8_on"),
+        "fp8 linear layers": 0 if fp8 is None else count(lambda m: isinstance(m, fp8.Float8Linear)),
+    }
+    return "optimizations: " + ", ".join(f"{k}={v}" for k, v in parts.items())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1213,6 +1048,7 @@ def encode_prompt(pipe: Pipeline, prompts: list[str], prompts_2: list[str], max_
     """CLIP's pooled vector [B, 768] conditions every block; T5's tokens [B, L, 4096] are attended to."""
     clip_ids = tokenize(pipe.clip_tokenizer, prompts, 77, "CLIP")
     t5_ids = tokenize(pipe.t5_tokenizer, prompts_2, max_sequence_length, "T5", TEXT_BUCKET * pipe.opts.text_buckets)
+    pipe.seen["t5_tokens"] = t5_ids.shape[1]
     pooled = pipe.clip(clip_ids.to(pipe.device), output_hidden_states=False).pooler_output.to(pipe.dtype)
     txt = pipe.t5(t5_ids.to(pipe.device), output_hidden_states=False)[0].to(pipe.dtype)
     return txt, pooled
@@ -1283,8 +1119,10 @@ def step_function(pipe: Pipeline, x: torch.Tensor, dt: torch.Tensor, cond: dict)
             if pipe.device.type == "cuda":
                 torch.cuda.empty_cache()
         fn = functools.partial(euler_step if opts.euler_in_graph else velocity, pipe.transformer)
+        pipe.seen["step"] = fn.func.__name__
         if opts.compile and not opts.regional_compile:  # else its blocks are compiled already (compile_blocks)
             fn = torch.compile(fn, fullgraph=True, dynamic=False, options=compile_options(opts))
+            pipe.seen["whole_step_compiled"] = True
         args = (x, dt, cond) if opts.euler_in_graph else (x, cond)
         t0 = time.perf_counter()
         pipe.steps[key] = CUDAGraphStep(fn, *args) if opts.cuda_graphs else fn
@@ -1297,65 +1135,6 @@ def step_function(pipe: Pipeline, x: torch.Tensor, dt: torch.Tensor, cond: dict)
     return pipe.steps[key]
 
 
-# Context parallelism: under `torchrun --nproc-per-node N` the N processes share every image. Each holds 1/N of the
-# text tokens and 1/N of the image tokens, runs every per-token op (linears, norms, modulation, RoPE, GELU,
-# residuals) on those alone, and meets the others only inside attention (context_parallel_attention) and once at
-# the end, to gather the latents. All ranks run the same compiled step and CUDA graph.
-def init_distributed(device: str) -> tuple[str, dist.ProcessGroup | None]:
-    """Under torchrun (WORLD_SIZE > 1) join the process group and take this rank's GPU: returns (device, group).
-
-    NCCL between GPUs, gloo between CPU processes. Only rank 0 prints: the other ranks' stdout goes to /dev/null
-    (their stderr stays, so a crash on any rank is still reported).
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return device, None
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=torch.device(device))  # communicators now, before any capture
-    else:
-        dist.init_process_group("gloo")
-    atexit.register(dist.destroy_process_group)  # on every way out: NCCL warns about a group left undestroyed
-    if dist.get_rank() != 0:
-        sys.stdout = open(os.devnull, "w")
-    return device, dist.group.WORLD
-
-
-def enable_context_parallel(pipe: Pipeline, group: dist.ProcessGroup) -> None:
-    """Spread each image's tokens over the ranks of `group`: denoise() shards them, every attention exchanges them."""
-    heads, n = pipe.cfg.num_attention_heads, group.size()
-    if heads % n:
-        raise UserError(f"context parallelism over {n} processes needs the number of attention heads to be "
-                        f"divisible by {n}, got {heads} (each process attends with an equal share of them)")
-    if pipe.bf16_transformer is not None:
-        raise UserError("--compare-bf16 runs on one GPU, not under torchrun")
-    pipe.group = group
-    for module in pipe.transformer.modules():
-        if isinstance(module, (DoubleAttention, SingleAttention)):
-            module.group = group
-    print(f"context parallel over {n} processes: each holds 1/{n} of the tokens and attends with {heads // n} heads")
-
-
-def shard_tokens(x, txt, txt_ids, img_ids, group: dist.ProcessGroup) -> list[torch.Tensor]:
-    """This rank's share of the image tokens x [B, L_img, C], the text tokens txt [B, L_txt, D] and their positions
-    [L, 3]: the r-th of N equal blocks of each. Attention sees [text block, image block] per rank, a permutation of
-    the one-GPU sequence, and the RoPE tables condition() makes from these positions are this rank's rows."""
-    n, r = group.size(), group.rank()
-    for what, length, source in (("image", x.shape[1], "--height/--width"),
-                                 ("text", txt.shape[1], "--max-sequence-length or the text bucket")):
-        if length % n:
-            raise UserError(f"context parallelism over {n} processes needs the number of {what} tokens to be "
-                            f"divisible by {n}, got {length} (from {source})")
-    return [t.chunk(n, dim=-2)[r] for t in (x, txt, txt_ids, img_ids)]
-
-
-def gather_tokens(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """The inverse of shard_tokens for the latents [B, L_img / N, C]: every rank gets all image tokens, in order."""
-    parts = [torch.empty_like(x) for _ in range(group.size())]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=1)
-
-
 @torch.no_grad()
 def denoise(pipe: Pipeline, noise: torch.Tensor, txt, pooled, sigmas: torch.Tensor, guidance: float | None):
     """Euler integration of the flow ODE dx/dsigma = v(x, sigma) from sigma=1 (noise) to sigma=0 (image)."""
@@ -1365,6 +1144,8 @@ def denoise(pipe: Pipeline, noise: torch.Tensor, txt, pooled, sigmas: torch.Tens
     img_ids = image_ids(h, w, x.device)
     txt_ids = torch.zeros(txt.shape[1], 3, device=x.device)
     if pipe.group is not None:  # context parallel: from here on this rank holds only its share of the tokens
+        from context_parallel import shard_tokens
+
         x, txt, txt_ids, img_ids = shard_tokens(x, txt, txt_ids, img_ids, pipe.group)
     sigmas = sigmas.to(x.device)
     steps = len(sigmas) - 1
@@ -1378,10 +1159,12 @@ def denoise(pipe: Pipeline, noise: torch.Tensor, txt, pooled, sigmas: torch.Tens
                                pooled.repeat(steps, 1))
         mods = cond["mods"].view(steps, b, -1)
         conds = [{**cond, "mods": mods[i]} for i in range(steps)]
+        pipe.seen.update(conditioning="once per request", rope_dtype=str(cond["cos"].dtype).removeprefix("torch."))
     else:
         guidance_vec = None if guidance is None else torch.full((b,), guidance, device=x.device)
         conds = [dict(txt=txt, txt_ids=txt_ids, img_ids=img_ids, timestep=timesteps[i].expand(b),
                       guidance=guidance_vec, pooled=pooled) for i in range(steps)]
+        pipe.seen.update(conditioning="every step", per_step_inputs=conds[0])
     step = step_function(pipe, x, dts[0], conds[0])
     for i in tqdm(range(steps), desc="denoising", leave=False, disable=None if pipe.is_main_rank else True):
         if opts.euler_in_graph:
@@ -1389,18 +1172,23 @@ def denoise(pipe: Pipeline, noise: torch.Tensor, txt, pooled, sigmas: torch.Tens
         else:
             x = (x.float() + dts[i] * step(x, conds[i])).to(x.dtype)
     if pipe.group is not None:
+        from context_parallel import gather_tokens
+
         x = gather_tokens(x, pipe.group)
     return unpack(x, h, w)
 
 
 @torch.no_grad()
-def decode(vae: nn.Module, latents: torch.Tensor, channels_last: bool) -> np.ndarray:
+def decode(pipe: Pipeline, latents: torch.Tensor) -> np.ndarray:
     """Undo the latent normalization, decode, and map [-1, 1] to uint8 pixels [B, H, W, 3]."""
+    vae, opts = pipe.vae, pipe.opts
     latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-    latents = latents.to(vae.dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    image = vae.decode(latents, return_dict=False)[0]
+    layout = torch.channels_last if opts.channels_last_vae else torch.contiguous_format
+    image = vae.decode(latents.to(vae.dtype, memory_format=layout), return_dict=False)[0]
     image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
-    # To uint8 on the device: a quarter of the bytes to copy back and no float pass on the CPU.
+    if not opts.uint8_on_gpu:
+        image = image.cpu()
+    pipe.seen["uint8_on"] = image.device.type
     return (image * 255).round().to(torch.uint8).cpu().numpy()
 
 
@@ -1431,154 +1219,7 @@ def generate(pipe: Pipeline, req: Request, timer: Timer) -> np.ndarray | None:
     if not pipe.is_main_rank:
         return None
     with timer("vae"):
-        return decode(pipe.vae, latents, pipe.opts.channels_last_vae)
-
-
-class Tandem(nn.Module):
-    """The bf16 model, with the fp8 model run beside it on the very same inputs (--compare-bf16).
-
-    The sampler follows the bf16 velocities; the fp8 error of every step is recorded, so it is the model's error
-    alone, not the drift between two trajectories. The conditioning layers are the same tensors in both models.
-    """
-
-    def __init__(self, bf16: Flux, fp8: Flux):
-        super().__init__()
-        self.bf16, self.fp8 = bf16, fp8
-        self.errors: list[torch.Tensor] = []  # relative error of the fp8 velocity, per step, left on the device
-
-    def condition(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        return self.bf16.condition(*args, **kwargs)
-
-    def forward(self, img: torch.Tensor, **cond) -> torch.Tensor:
-        v = self.bf16(img, **cond)
-        self.errors.append((self.fp8(img, **cond).float() - v.float()).norm() / v.float().norm())
-        return v
-
-
-def compare_bf16(pipe: Pipeline, req: Request) -> dict:
-    """fp8's error against the bf16 model it was quantized from, on this request (--compare-bf16).
-
-    Both run eagerly (no compile, no CUDA graphs), so fp8 is the only difference between them: the velocity error
-    along the bf16 trajectory (Tandem), and PSNR and SSIM of the fp8 image against the bf16 image of the same seed.
-    The compiled fp8 step rounds some values the other way (it quantizes activations that eager first rounds to
-    bf16), at the same error level: it measures the error, not the very pixels of the compiled run.
-    """
-    eager = dataclasses.replace(pipe.opts, compile=False, cuda_graphs=False)
-    tandem = Tandem(pipe.bf16_transformer, pipe.transformer)
-    with torch.compiler.set_stance("force_eager"):  # the compiled blocks and VAE decoder too
-        bf16_images = generate(dataclasses.replace(pipe, transformer=tandem, opts=eager, steps=OrderedDict()), req,
-                               Timer(pipe.device))
-        fp8_images = generate(dataclasses.replace(pipe, opts=eager, steps=OrderedDict()), req, Timer(pipe.device))
-    errors = [e.item() for e in tandem.errors]
-    report = {"velocity_rel_err_first_step": errors[0], "velocity_rel_err_last_step": errors[-1],
-              "velocity_rel_err_max": max(errors), "image_psnr_db": psnr(fp8_images, bf16_images),
-              "image_ssim": ssim(fp8_images, bf16_images)}
-    print(f"fp8 vs bf16 (eager, seed {req.seeds[0]}): velocity relative error {errors[0]:.4f} at the first step, "
-          f"{errors[-1]:.4f} at the last (max {max(errors):.4f}); image PSNR {report['image_psnr_db']:.2f} dB, "
-          f"SSIM {report['image_ssim']:.4f}")
-    return report
-
-
-@dataclass
-class Job:
-    """One image of a --prompts-file."""
-
-    index: int
-    prompt: str
-    prompt_2: str
-    seed: int
-    height: int
-    width: int
-    steps: int
-    guidance: float
-
-
-MAX_SIDE = 2048
-
-
-def parse_job(line: str, index: int, defaults: dict, multiple: int) -> Job:
-    """A plain-text line is a prompt; a line starting with "{" is a JSON object with "prompt" and any of JOB_FIELDS."""
-    if line.startswith("{"):
-        try:
-            fields_ = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"not valid JSON ({e.msg})") from e
-        unknown = sorted(set(fields_) - set(defaults) - {"prompt"})
-        if unknown:
-            raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: prompt, {', '.join(sorted(defaults))}")
-    else:
-        fields_ = {"prompt": line}
-    job = {**defaults, "seed": defaults["seed"] + index, **fields_}
-    if not isinstance(job["prompt"], str) or not job["prompt"].strip():
-        raise ValueError("empty prompt")
-    for key in ("seed", "height", "width", "steps"):
-        if not isinstance(job[key], int):
-            raise ValueError(f"{key} must be an integer, got {job[key]!r}")
-    if not isinstance(job["guidance"], int | float) or job["guidance"] < 0:
-        raise ValueError(f"guidance must be a number >= 0, got {job['guidance']!r}")
-    if job["steps"] <= 0:
-        raise ValueError(f"steps must be positive, got {job['steps']}")
-    for key in ("height", "width"):
-        if not 0 < job[key] <= MAX_SIDE or job[key] % multiple:
-            raise ValueError(f"{key} must be a multiple of {multiple} up to {MAX_SIDE}, got {job[key]}")
-    return Job(index=index, prompt_2=job.get("prompt_2") or job["prompt"], **{k: job[k] for k in (
-        "prompt", "seed", "height", "width", "steps", "guidance")})
-
-
-def read_prompts_file(path: str, defaults: dict, multiple: int, strict: bool) -> list[Job]:
-    """Bad lines are reported with their line number and skipped, or with `strict` stop the run before any image."""
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e}") from e
-    jobs, problems = [], []
-    for number, line in enumerate(lines, 1):
-        if line.strip() and not line.lstrip().startswith("#"):
-            try:
-                jobs.append(parse_job(line.strip(), len(jobs), defaults, multiple))
-            except ValueError as e:
-                problems.append(f"{path}:{number}: {e}")
-    for problem in problems:
-        print(f"warning: skipping {problem}", file=sys.stderr)
-    if problems and strict:
-        raise UserError(f"{len(problems)} bad line(s) in {path}, first {problems[0]}; --strict: nothing generated")
-    if not jobs:
-        raise UserError(f"no prompts in {path}")
-    return jobs
-
-
-def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
-    """Consecutive jobs of one shape, steps and guidance share a forward pass, up to batch_size of them."""
-    out = []
-    for job in jobs:
-        same = out and len(out[-1]) < batch_size and all(
-            getattr(out[-1][0], k) == getattr(job, k) for k in ("height", "width", "steps", "guidance"))
-        out[-1].append(job) if same else out.append([job])
-    return out
-
-
-def generate_many(pipe: Pipeline, jobs: list[Job], batch_size: int, max_sequence_length: int, output_dir: str,
-                  metadata: dict) -> None:
-    """Every job, batch by batch, each image saved as soon as its batch is done; then a throughput line."""
-    os.makedirs(output_dir, exist_ok=True)
-    t0, build0, done = time.perf_counter(), pipe.build_s, 0
-    for batch in tqdm(batches(jobs, batch_size), desc="prompts", unit="batch"):
-        first = batch[0]
-        req = Request([j.prompt for j in batch], [j.prompt_2 for j in batch], first.height, first.width, first.steps,
-                      first.guidance, [j.seed for j in batch], max_sequence_length)
-        images = generate(pipe, req, Timer(pipe.device))
-        if images is None:  # a rank other than 0 of a context-parallel run: rank 0 saves
-            continue
-        for job, image in zip(batch, images, strict=True):
-            save_png(image, os.path.join(output_dir, f"{job.index:04d}-{job.seed}.png"), {
-                **metadata, "prompt": job.prompt, "prompt_2": job.prompt_2, "seed": job.seed, "steps": job.steps,
-                "guidance": job.guidance, "size": f"{job.width}x{job.height}"})
-            done += 1
-    total, building = time.perf_counter() - t0, pipe.build_s - build0
-    per_hour = 3600 * done / max(total - building, 1e-9)
-    print(f"{done} images in {total:.1f}s ({building:.1f}s of it compiling and capturing new shapes): "
-          f"{per_hour:.0f} images/hour after warm-up; written to {output_dir}")
+        return decode(pipe, latents)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1630,43 +1271,6 @@ def timed_runs(pipe: Pipeline, req: Request, warmup: int, runs: int):
     return images, per_run, warmup_s
 
 
-def profile_run(pipe: Pipeline, req: Request, path: str) -> dict:
-    """One more run under torch.profiler: GPU kernel time per denoising step by kind, and the top kernels.
-
-    Writes a Chrome trace next to `path` (open it in Perfetto) and the breakdown as JSON to `path`.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        generate(pipe, req, Timer(pipe.device))
-        sync(pipe.device)
-    if not pipe.is_main_rank:  # context parallel: every rank runs the request, rank 0's profile is the report
-        return {}
-    prof.export_chrome_trace(os.path.splitext(path)[0] + ".trace.json")
-    # First match wins: inductor names its kernels after the ops they fuse ("triton_..._cudnn_attention_..."),
-    # and its GEMM templates are "triton_tem_...".
-    kinds = [("gemm", ("triton_tem",)), ("triton", ("triton",)), ("attention", ("attention", "fmha", "flash", "sdpa")),
-             ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "splitk"))]
-    per_kind, top = dict.fromkeys(["gemm", "attention", "triton", "other"], 0.0), []
-    for e in prof.key_averages():
-        ms = e.self_device_time_total / 1000
-        if ms <= 0 or e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        name = e.key.lower()
-        kind = next((k for k, words in kinds if any(w in name for w in words)), "other")
-        per_kind[kind] += ms / req.steps
-        top.append((round(ms / req.steps, 3), e.count // req.steps, e.key[:100]))
-    top.sort(reverse=True)
-    report = {"ms_per_step_by_kind (includes text encoders and VAE, spread over steps)": per_kind,
-              "top_kernels (ms per step, calls per step, name)": top[:25]}
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    print("GPU ms per step by kind:", {k: round(v, 2) for k, v in per_kind.items()})
-    for ms, calls, name in top[:12]:
-        print(f"  {ms:8.3f} ms x{calls:<4} {name}")
-    return report
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -1687,9 +1291,17 @@ def summarize(per_run: list[dict], warmup_s: float, device: torch.device) -> dic
 # ----------------------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default, unless there is none worth showing or its help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--prompt", default=None, help="what to draw (or --prompts-file)")
     p.add_argument("--prompt-2", default=None, help="prompt for T5 (defaults to --prompt)")
     p.add_argument("--model", default="black-forest-labs/FLUX.1-dev",
@@ -1714,7 +1326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=1, help="timed runs; medians are printed")
     p.add_argument("--timings-json", default=None, help="write per-run timings and medians here")
     p.add_argument("--profile", default=None, metavar="JSON", help="profile one extra run; kernel breakdown here")
-    m = p.add_argument_group("many prompts, many shapes")
+    m = p.add_argument_group("many prompts, many shapes (prompts_file.py)")
     m.add_argument("--prompts-file", default=None,
                    help="one prompt per line, or JSON lines with prompt and any of prompt_2, seed, height, width, "
                         "steps, guidance (defaults: the flags; seed: --seed + index); batched by --batch-size")
@@ -1728,26 +1340,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--offload-text-encoders", action="store_true",
                    help="keep CLIP/T5 in CPU memory, each layer copied to the GPU for its own forward only: "
                         "lower peak GPU memory, slower encoding (for smaller GPUs)")
-    o = p.add_argument_group("optimizations (each on by default; --no-... switches one off)")
-    for name, help_text in [
-        ("bf16-rope", "RoPE tables and rotation in the model dtype instead of float32"),
-        ("rope-halves", "RoPE pairs channel i with i + D/2 (q/k weights permuted at load) instead of 2i with 2i+1"),
-        ("fused-qkv", "one matmul for q/k/v (and the single blocks' MLP input), fused at load time"),
-        ("euler-in-graph", "the Euler update inside the compiled/graphed step"),
-        ("precompute", "RoPE, text projection and all adaLN modulations once per request, not per step"),
-        ("compile", "torch.compile of the step and of the VAE decoder"),
-        ("regional-compile", "compile one double and one single block, shared by all 57, instead of the whole "
-                             "step as one graph (a fraction of the compile time)"),
-        ("cuda-graphs", "capture the step as a CUDA graph per shape and replay it"),
-        ("text-buckets", f"T5 length rounded up to a multiple of {TEXT_BUCKET} instead of the maximum"),
-        ("channels-last-vae", "VAE decoder in channels_last layout"),
-    ]:
-        o.add_argument(f"--no-{name}", dest=name.replace("-", "_"), action="store_false", help=f"off: {help_text}")
-    o.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS,
-                   help="attention kernel; auto: FlashAttention-3/2 if installed, else cuDNN on GPU, else SDPA")
+    o = p.add_argument_group("optimizations (each on by default; --no-... turns one off)")
+    for f in OPTIMIZATIONS:  # one definition each, in Options
+        text = f"{f.metadata['what']}. Why: {f.metadata['why']}".replace("%", "%%")
+        if f.name == "attention":
+            o.add_argument("--attention", default=f.default, choices=ATTENTION_BACKENDS, help=text)
+        else:
+            o.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
+                           help=f"turn off: {text}")
     o.add_argument("--inductor-tuning", action="store_true",
-                   help="coordinate-descent and GEMM autotuning in inductor (much longer compile)")
-    q = p.add_argument_group("fp8 (opt-in: faster, and the image changes a little; --compare-bf16 measures how much)")
+                   help="opt-in: coordinate-descent and GEMM autotuning in inductor (minutes more compile)")
+    q = p.add_argument_group("fp8 (fp8.py; opt-in: faster, and the image changes a little)")
     q.add_argument("--quantize", default="none", choices=["none", "fp8"],
                    help="fp8: the blocks' linear layers in float8 e4m3, per-output-channel weight and per-token "
                         "activation scales; attention, norms, modulation, embedders and final projection stay bf16")
@@ -1759,8 +1362,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args) -> None:
+# Flags that only one of the two modes reads: given to the other, they are refused rather than silently ignored.
+ONE_PROMPT_FLAGS = ("prompt", "output", "warmup", "runs", "timings_json", "profile", "compare_bf16")
+PROMPTS_FILE_FLAGS = ("output_dir", "strict")
+
+
+def check_args(args, defaults: argparse.Namespace) -> None:
     """Everything that can be checked before loading gigabytes of weights."""
+    unread = ONE_PROMPT_FLAGS if args.prompts_file else PROMPTS_FILE_FLAGS
+    for name in unread:
+        if getattr(args, name) != getattr(defaults, name):
+            mode = "--prompts-file" if args.prompts_file else "a single --prompt (it needs --prompts-file)"
+            raise UserError(f"--{name.replace('_', '-')} is not used with {mode}")
     if args.prompts_file is None and not (args.prompt or "").strip():
         raise UserError("--prompt is empty (give --prompt or --prompts-file)")
     if args.max_graphs < 1:
@@ -1787,8 +1400,6 @@ def check_args(args) -> None:
         raise UserError(f"--fp8-keep-bf16 must be >= 0, got {args.fp8_keep_bf16}")
     if args.quantize == "fp8" and args.dtype != "bfloat16":
         raise UserError(f"--quantize fp8 runs around its float8 matmuls in bfloat16, not --dtype {args.dtype}")
-    if args.compare_bf16 and args.prompts_file:
-        raise UserError("--compare-bf16 measures one --prompt, not a --prompts-file")
     for path in (args.output, args.timings_json, args.profile):
         if path is not None:
             if os.path.isdir(path):
@@ -1820,10 +1431,15 @@ def save_png(image: np.ndarray, path: str, metadata: dict) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        check_args(args)
-        args.device, group = init_distributed(args.device)  # under torchrun: this rank's device, and all the ranks
+        check_args(args, parser.parse_args([]))
+        group = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: the processes share every image
+            import context_parallel
+
+            args.device, group = context_parallel.init_distributed(args.device)
         dtype = getattr(torch, args.dtype)
         opts = effective_options(Options(**{f.name: getattr(args, f.name) for f in fields(Options)}),
                                  torch.device(args.device))
@@ -1835,18 +1451,14 @@ def main(argv=None) -> int:
                              args.offload_text_encoders)
         pipe.max_steps = args.max_graphs
         if group is not None:
-            enable_context_parallel(pipe, group)
-        print(describe(pipe))
-        cfg = pipe.cfg
+            context_parallel.enable_context_parallel(pipe, group)
         if args.prompts_file:
-            defaults = dict(prompt_2=args.prompt_2, seed=args.seed, height=args.height, width=args.width,
-                            steps=args.steps or cfg.default_steps,
-                            guidance=cfg.default_guidance if args.guidance is None else args.guidance)
-            jobs = read_prompts_file(args.prompts_file, defaults, 2 * pipe.vae_scale_factor, args.strict)
-            generate_many(pipe, jobs, args.batch_size, args.max_sequence_length or cfg.max_sequence_length,
-                          args.output_dir, {"model": pipe.model_name, "random_weights": args.random_weights})
+            from prompts_file import run_prompts_file
+
+            run_prompts_file(pipe, args)
             return 0
         check_size(args.height, args.width, pipe.vae_scale_factor)
+        cfg = pipe.cfg
         req = Request([args.prompt] * args.batch_size, [args.prompt_2 or args.prompt] * args.batch_size,
                       args.height, args.width,
                       args.steps or cfg.default_steps,
@@ -1855,14 +1467,19 @@ def main(argv=None) -> int:
                       args.max_sequence_length or cfg.max_sequence_length)
         images, per_run, warmup_s = timed_runs(pipe, req, args.warmup, args.runs)
         if args.profile:
+            from profiling import profile_run
+
             profile_run(pipe, req, args.profile)
         if not pipe.is_main_rank:  # context parallel: rank 0 reports the timings and writes the files
             return 0
+        print(describe(pipe))
         summary = summarize(per_run, warmup_s, pipe.device)
         for key in ("text_encoders", "denoiser", "vae"):
             print(f"{key} time: {summary[key]['median']:.3f}s")
         print(f"end-to-end time: {summary['end_to_end']['median']:.3f}s")
         if pipe.bf16_transformer is not None:
+            from fp8 import compare_bf16
+
             summary["fp8_vs_bf16"] = compare_bf16(pipe, req)
         stem, ext = os.path.splitext(args.output)
         for i, image in enumerate(images):
@@ -1877,7 +1494,7 @@ def main(argv=None) -> int:
             with open(args.timings_json, "w") as f:
                 json.dump({"script": os.path.basename(__file__), "args": vars(args), **summary}, f, indent=1)
     except UserError as e:
-        if not dist.is_initialized() or dist.get_rank() == 0:  # bad input is the same on every rank: say it once
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:  # same on every rank: once
             print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

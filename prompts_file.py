@@ -1,0 +1,146 @@
+"""--prompts-file for optimized_inference.py: many prompts, sizes and seeds in one process, batched; and
+--offload-text-encoders, for GPUs too small to hold the text encoders next to the transformer.
+
+    python optimized_inference.py --prompts-file prompts.jsonl --batch-size 4 --output-dir outputs
+
+Imported only when one of those flags is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from optimized_inference import Pipeline, Request, Timer, UserError, describe, generate, save_png
+
+
+@dataclass
+class Job:
+    """One image of a --prompts-file."""
+
+    index: int
+    prompt: str
+    prompt_2: str
+    seed: int
+    height: int
+    width: int
+    steps: int
+    guidance: float
+
+
+MAX_SIDE = 2048
+
+
+def parse_job(line: str, index: int, defaults: dict, multiple: int) -> Job:
+    """A plain-text line is a prompt; a line starting with "{" is a JSON object with "prompt" and any of JOB_FIELDS."""
+    if line.startswith("{"):
+        try:
+            fields_ = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON ({e.msg})") from e
+        unknown = sorted(set(fields_) - set(defaults) - {"prompt"})
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: prompt, {', '.join(sorted(defaults))}")
+    else:
+        fields_ = {"prompt": line}
+    job = {**defaults, "seed": defaults["seed"] + index, **fields_}
+    if not isinstance(job["prompt"], str) or not job["prompt"].strip():
+        raise ValueError("empty prompt")
+    for key in ("seed", "height", "width", "steps"):
+        if not isinstance(job[key], int):
+            raise ValueError(f"{key} must be an integer, got {job[key]!r}")
+    if not isinstance(job["guidance"], int | float) or job["guidance"] < 0:
+        raise ValueError(f"guidance must be a number >= 0, got {job['guidance']!r}")
+    if job["steps"] <= 0:
+        raise ValueError(f"steps must be positive, got {job['steps']}")
+    for key in ("height", "width"):
+        if not 0 < job[key] <= MAX_SIDE or job[key] % multiple:
+            raise ValueError(f"{key} must be a multiple of {multiple} up to {MAX_SIDE}, got {job[key]}")
+    return Job(index=index, prompt_2=job.get("prompt_2") or job["prompt"], **{k: job[k] for k in (
+        "prompt", "seed", "height", "width", "steps", "guidance")})
+
+
+def read_prompts_file(path: str, defaults: dict, multiple: int, strict: bool) -> list[Job]:
+    """Bad lines are reported with their line number and skipped, or with `strict` stop the run before any image."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+    jobs, problems = [], []
+    for number, line in enumerate(lines, 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                jobs.append(parse_job(line.strip(), len(jobs), defaults, multiple))
+            except ValueError as e:
+                problems.append(f"{path}:{number}: {e}")
+    for problem in problems:
+        print(f"warning: skipping {problem}", file=sys.stderr)
+    if problems and strict:
+        raise UserError(f"{len(problems)} bad line(s) in {path}, first {problems[0]}; --strict: nothing generated")
+    if not jobs:
+        raise UserError(f"no prompts in {path}")
+    return jobs
+
+
+def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+    """Consecutive jobs of one shape, steps and guidance share a forward pass, up to batch_size of them."""
+    out = []
+    for job in jobs:
+        same = out and len(out[-1]) < batch_size and all(
+            getattr(out[-1][0], k) == getattr(job, k) for k in ("height", "width", "steps", "guidance"))
+        out[-1].append(job) if same else out.append([job])
+    return out
+
+
+def generate_many(pipe: Pipeline, jobs: list[Job], batch_size: int, max_sequence_length: int, output_dir: str,
+                  metadata: dict) -> None:
+    """Every job, batch by batch, each image saved as soon as its batch is done; then a throughput line."""
+    os.makedirs(output_dir, exist_ok=True)
+    t0, build0, done = time.perf_counter(), pipe.build_s, 0
+    for batch in tqdm(batches(jobs, batch_size), desc="prompts", unit="batch"):
+        first = batch[0]
+        req = Request([j.prompt for j in batch], [j.prompt_2 for j in batch], first.height, first.width, first.steps,
+                      first.guidance, [j.seed for j in batch], max_sequence_length)
+        images = generate(pipe, req, Timer(pipe.device))
+        if images is None:  # a rank other than 0 of a context-parallel run: rank 0 saves
+            continue
+        for job, image in zip(batch, images, strict=True):
+            save_png(image, os.path.join(output_dir, f"{job.index:04d}-{job.seed}.png"), {
+                **metadata, "prompt": job.prompt, "prompt_2": job.prompt_2, "seed": job.seed, "steps": job.steps,
+                "guidance": job.guidance, "size": f"{job.width}x{job.height}"})
+            done += 1
+    total, building = time.perf_counter() - t0, pipe.build_s - build0
+    per_hour = 3600 * done / max(total - building, 1e-9)
+    print(f"{done} images in {total:.1f}s ({building:.1f}s of it compiling and capturing new shapes): "
+          f"{per_hour:.0f} images/hour after warm-up; written to {output_dir}")
+
+
+def run_prompts_file(pipe: Pipeline, args) -> None:
+    """--prompts-file: the flags give each line's defaults."""
+    cfg = pipe.cfg
+    defaults = dict(prompt_2=args.prompt_2, seed=args.seed, height=args.height, width=args.width,
+                    steps=args.steps or cfg.default_steps,
+                    guidance=cfg.default_guidance if args.guidance is None else args.guidance)
+    jobs = read_prompts_file(args.prompts_file, defaults, 2 * pipe.vae_scale_factor, args.strict)
+    generate_many(pipe, jobs, args.batch_size, args.max_sequence_length or cfg.max_sequence_length, args.output_dir,
+                  {"model": pipe.model_name, "random_weights": args.random_weights})
+    if pipe.is_main_rank:
+        print(describe(pipe))
+
+
+def offload_layerwise(encoder: nn.Module, device) -> None:
+    """--offload-text-encoders: the weights live in CPU memory and each layer is copied to the GPU for its own forward
+    only (accelerate's sequential offload). Moving a whole encoder in to encode would not lower the peak: T5's 9.5 GB
+    would sit next to the transformer's 23.8 GB while encoding."""
+    from accelerate import cpu_offload
+
+    cpu_offload(encoder, execution_device=torch.device(device))
+
