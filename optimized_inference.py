@@ -147,7 +147,7 @@ class Options:
         "each stream's norm + RoPE kernel writes straight into the joint q/k: -30 ms bf16, -20 ms fp8 (run 15)")
     attention: str = optimization(
         "the attention kernel named per GPU architecture (`--attention`; auto: cuDNN on Hopper)",
-        "on an H200 at FLUX's shape cuDNN runs at ~565 TFLOP/s, SDPA's default flash kernel at ~300",
+        "on an H200 at FLUX's shape cuDNN runs at ~565 TFLOP/s, the flash kernel SDPA picks at ~300",
         default="auto")
     sigmoid_gelu: bool = optimization(
         "GELU's tanh approximation computed as x * sigmoid(2u) (`gelu_tanh`)",
@@ -168,7 +168,7 @@ class Options:
         "the step captured once per shape as a CUDA graph and replayed (`CUDAGraphStep`)",
         "no per-kernel launch cost, no CPU in the loop")
     channels_last_vae: bool = optimization(
-        "VAE decoder in channels_last", "its convolutions run faster in NHWC")
+        "VAE decoder in channels_last", "its convolutions run faster in NHWC", exact=False)
     uint8_on_gpu: bool = optimization(
         "decoded pixels rounded to uint8 on the GPU", "a quarter of the bytes to copy back, no float pass in numpy")
     # Opt-in: slow to compile, or changes the numbers (fp8.py; --compare-bf16 measures how much).
@@ -997,8 +997,9 @@ def describe(pipe: Pipeline) -> str:
     modules = list(model.modules())
     count = lambda test: sum(1 for m in modules if test(m))  # noqa: E731
     fp8 = sys.modules.get("fp8")  # never imported: no fp8 layer can exist
-    attends = {(m.attend.func.__name__, m.attend.keywords["backend"]) for m in modules
-               if isinstance(m, (DoubleAttention, SingleAttention))}
+    # The function every attention module calls, with its kernel: "cudnn", or "cudnn (context_parallel_attention)".
+    attends = {m.attend.keywords["backend"] + ("" if m.attend.func is attention else f" ({m.attend.func.__name__})")
+               for m in modules if isinstance(m, (DoubleAttention, SingleAttention))}
     blocks = count(lambda m: getattr(m, "_compiled_call_impl", None) is not None)
     compiled = f"{blocks} blocks" if blocks else "whole step" if seen.get("whole_step_compiled") else "off"
     if blocks and model.compile_options:
@@ -1015,7 +1016,7 @@ def describe(pipe: Pipeline) -> str:
         "rope": rope_dtype,
         "rope over head halves": count(lambda m: getattr(m, "halves", False)),
         "rope per stream": count(lambda m: getattr(m, "per_stream", False)),
-        "attention": ", ".join(f"{fn}:{backend}" for fn, backend in sorted(attends)),
+        "attention": " + ".join(sorted(attends)),
         "sigmoid gelu": count(lambda m: getattr(m, "act", None) is gelu_tanh),
         "step": seen.get("step"),
         "compile": compiled,

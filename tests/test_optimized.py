@@ -6,6 +6,8 @@ On CPU torch.compile and CUDA graphs are switched off (with a notice); everythin
 import dataclasses
 import os
 import re
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -16,33 +18,33 @@ from transformers import T5TokenizerFast
 
 import optimized_inference as oi
 import single_file_inference as sfi
-from tests.helpers import assert_clean_error, max_pixel_diff, read_png, run_script
+from tests.helpers import (
+    GUIDANCE,
+    HEIGHT,
+    PROMPT,
+    REPO_ROOT,
+    SEED,
+    WIDTH,
+    check_bad_input,
+    cli_args,
+    max_pixel_diff,
+    read_png,
+    rel_err,
+    with_flags,
+)
+from tests.helpers import TINY as TINY_DIMS
 
-PROMPT = "A photo of a cat sitting on a red chair in the warm morning light"
-HEIGHT, WIDTH, STEPS, GUIDANCE, SEED, MAX_SEQ = 40, 56, 3, 3.5, 7, 48
-
-TINY = dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=32, pooled_projection_dim=24, axes_dims_rope=(4, 6, 6),
-            scheduler=sfi.FLUX_DEV_SCHEDULER)
+TINY = dict(TINY_DIMS, scheduler=sfi.FLUX_DEV_SCHEDULER)
 N_FUSED = 2 * TINY["num_layers"] + TINY["num_single_layers"]  # to_qkv + to_added_qkv per double, to_qkv_mlp per single
 
-# All on (as far as a CPU allows), each one off, all off.
+# All on (as far as a CPU allows), each one off, all off. Compilation and CUDA graphs need CUDA (tests/test_compile.py
+# compiles on the CPU); regional compilation and fp8's unsplit reductions only change how the compiler is asked.
 CPU_BASE = oi.Options(attention="sdpa", compile=False, cuda_graphs=False)
-TOGGLES = [f.name for f in dataclasses.fields(oi.Options)
-           if f.default is True and f.name not in ("compile", "cuda_graphs")]
+NOT_ON_CPU = ("compile", "cuda_graphs", "regional_compile", "fp8_unsplit_reductions")
+TOGGLES = [f.name for f in oi.OPTIMIZATIONS if f.default is True and f.name not in NOT_ON_CPU]
 VARIANTS = {"all-on": CPU_BASE,
             **{f"no-{name}": dataclasses.replace(CPU_BASE, **{name: False}) for name in TOGGLES},
             "all-off": dataclasses.replace(CPU_BASE, **{name: False for name in TOGGLES})}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def test_variants_cover_every_optimization():
-    assert set(TOGGLES) >= {"bf16_rope", "fused_qkv", "euler_in_graph", "precompute", "text_buckets",
-                            "channels_last_vae"}
-    assert len(VARIANTS) == len(TOGGLES) + 2
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -224,19 +226,13 @@ def test_denoise_matches_reference_loop(euler_in_graph, precompute, reference, c
 # ----------------------------------------------------------------------------------------------------------------------
 # The CLI end to end on the tiny pipeline
 # ----------------------------------------------------------------------------------------------------------------------
-def cli_args(model_dir: str, output: str, *extra: str) -> list[str]:
-    return ["--prompt", PROMPT, "--model", model_dir, "--device", "cpu", "--dtype", "float32",
-            "--height", str(HEIGHT), "--width", str(WIDTH), "--steps", str(STEPS), "--guidance", str(GUIDANCE),
-            "--max-sequence-length", str(MAX_SEQ), "--seed", str(SEED), "--output", output, *extra]
-
-
 def recording(module, decoded: list):
     """`module.decode`, recording the latents it is handed (compared far more tightly than 8-bit pixels)."""
     real_decode = module.decode
 
-    def decode(vae, latents, *args):
+    def decode(owner, latents, *args):
         decoded.append(latents.clone())
-        return real_decode(vae, latents, *args)
+        return real_decode(owner, latents, *args)
 
     return decode
 
@@ -251,14 +247,21 @@ def reference_images(tiny_pipeline_dir, tmp_path_factory):
         assert sfi.main(cli_args(tiny_pipeline_dir, str(out))) == 0
     pipe = FluxPipeline.from_pretrained(tiny_pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                 max_sequence_length=MAX_SEQ, generator=torch.Generator("cpu").manual_seed(SEED),
+    image = pipe(prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=3, guidance_scale=GUIDANCE,
+                 max_sequence_length=48, generator=torch.Generator("cpu").manual_seed(SEED),
                  output_type="np").images[0]
     (latents,) = decoded
     return read_png(out), (image * 255).round().astype(np.uint8), latents
 
 
 ALL_OFF_FLAGS = [f"--no-{name.replace('_', '-')}" for name in TOGGLES]
+
+
+def evidence(stdout: str) -> dict[str, str]:
+    """The `optimizations:` line as {name: value}."""
+    lines = [line for line in stdout.splitlines() if line.startswith("optimizations: ")]
+    assert len(lines) == 1, stdout
+    return dict(part.split("=", 1) for part in lines[0].removeprefix("optimizations: ").split(", "))
 
 
 @pytest.mark.parametrize("flags", [["--no-text-buckets"], ALL_OFF_FLAGS], ids=["all-on", "all-off"])
@@ -280,13 +283,15 @@ def test_cli_matches_reference_and_diffusers(flags, tiny_pipeline_dir, reference
         assert rel_err(latents, reference_latents) < 1e-5
 
     assert "note: no CUDA device: torch.compile and CUDA graphs are off" in stdout
-    evidence = [line for line in stdout.splitlines() if line.startswith("optimizations:")]
-    assert len(evidence) == 1, stdout
-    all_on = flags == ["--no-text-buckets"]
-    assert f"fused projections={N_FUSED if all_on else 0}," in evidence[0]
-    for part in ("rope=float32", f"euler-in-graph={all_on}", f"precompute={all_on}", "compile=off",
-                 "cuda-graphs=False", "attention=sdpa", "text-buckets=False", f"channels-last-vae={all_on}"):
-        assert part in evidence[0], evidence[0]
+    on = flags == ["--no-text-buckets"]
+    n_attention, n_double = TINY["num_layers"] + TINY["num_single_layers"], TINY["num_layers"]
+    assert evidence(stdout) == {
+        "T5 tokens": "48", "conditioning": "once per request" if on else "every step",
+        "fused projections": str(N_FUSED if on else 0), "rope": "float32",
+        "rope over head halves": str(n_attention if on else 0), "rope per stream": str(n_double if on else 0),
+        "attention": "sdpa", "sigmoid gelu": str(2 * n_double + TINY["num_single_layers"] if on else 0),
+        "step": "euler_step" if on else "velocity", "compile": "off", "vae compiled": "False", "cuda graphs": "0",
+        "channels-last vae": str(on), "uint8 on": "cpu", "fp8 linear layers": "0"}
     for component in ("text_encoders", "denoiser", "vae"):
         assert re.search(rf"^{component} time: \d+\.\d{{3}}s$", stdout, re.MULTILINE), stdout
     with Image.open(out) as im:
@@ -306,21 +311,6 @@ def test_cli_batch_matches_reference_batch(tiny_pipeline_dir, tmp_path, monkeypa
     assert rel_err(opt, ref) < 1e-5
     for i in range(2):
         assert max_pixel_diff(read_png(tmp_path / f"opt-{i}.png"), read_png(tmp_path / f"ref-{i}.png")) <= 2
-
-
-def test_cli_evidence_line_reports_rope_settings(tiny_pipeline_dir, tmp_path, capsys):
-    out = tmp_path / "bf16.png"
-    assert oi.main(cli_args(tiny_pipeline_dir, str(out), "--dtype", "bfloat16", "--warmup", "0")) == 0
-    evidence = [line for line in capsys.readouterr().out.splitlines() if line.startswith("optimizations:")]
-    assert len(evidence) == 1
-    assert f"fused projections={N_FUSED}, rope=bfloat16," in evidence[0]
-    assert read_png(out).std() > 10
-    assert oi.main(cli_args(tiny_pipeline_dir, str(out), "--dtype", "bfloat16", "--warmup", "0",
-                            "--no-bf16-rope")) == 0
-    assert "rope=float32," in capsys.readouterr().out
-    assert f"rope over head halves={TINY['num_layers'] + TINY['num_single_layers']}," in evidence[0]
-    assert oi.main(cli_args(tiny_pipeline_dir, str(out), "--warmup", "0", "--no-rope-halves")) == 0
-    assert "rope over head halves=0," in capsys.readouterr().out
 
 
 def test_text_buckets_round_t5_length_up_to_128(tiny_pipeline_dir):
@@ -350,27 +340,32 @@ def test_encode_prompt_uses_text_buckets(text_buckets, expected_len, tiny_pipeli
     pipe = oi.load_pipeline(tiny_pipeline_dir, "cpu", torch.float32, opts)
     txt, pooled = oi.encode_prompt(pipe, ["a cat"], ["a cat"], 512)
     assert txt.shape == (1, expected_len, 32) and pooled.shape == (1, 32)
+    assert pipe.seen["t5_tokens"] == expected_len
 
 
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last", "contiguous"])
 def test_decode_matches_reference(channels_last, tiny_pipeline_dir):
+    opts = dataclasses.replace(CPU_BASE, channels_last_vae=channels_last)
+    pipe = oi.load_pipeline(tiny_pipeline_dir, "cpu", torch.float32, opts)
     vae = AutoencoderKL.from_pretrained(tiny_pipeline_dir, subfolder="vae").eval()
     latents = 2 * torch.randn(2, 4, 10, 14, generator=torch.Generator().manual_seed(8))
     seen = []  # (input, output) of every vae.decode call
-    real_decode = vae.decode
 
-    def recording_decode(z, return_dict=True):
-        out = real_decode(z, return_dict=return_dict)
-        seen.append((z.clone(), z.is_contiguous(memory_format=torch.channels_last), out[0].clone()))
-        return out
+    def recording_decode(module):
+        real_decode = module.decode
 
-    vae.decode = recording_decode
+        def decode(z, return_dict=True):
+            out = real_decode(z, return_dict=return_dict)
+            seen.append((z.clone(), z.is_contiguous(memory_format=torch.channels_last), out[0].clone()))
+            return out
+        return decode
+
+    vae.decode, pipe.vae.decode = recording_decode(vae), recording_decode(pipe.vae)
     expected = sfi.decode(vae, latents)
-    if channels_last:
-        vae.to(memory_format=torch.channels_last)
-    actual = oi.decode(vae, latents, channels_last)
+    actual = oi.decode(pipe, latents)
     (ref_in, _, ref_out), (opt_in, opt_channels_last, opt_out) = seen
     assert opt_channels_last == channels_last
+    assert next(pipe.vae.parameters()).is_contiguous(memory_format=torch.channels_last) == channels_last
     assert rel_err(opt_in, ref_in) < 1e-6
     assert rel_err(opt_out, ref_out) < 1e-5
     assert actual.shape == expected.shape == (2, 40, 56, 3) and actual.dtype == np.uint8
@@ -382,38 +377,60 @@ def test_nan_latents_are_an_error(tiny_pipeline_dir, tmp_path, capsys, monkeypat
         return torch.full_like(img, float("nan"))
 
     monkeypatch.setattr(oi.Flux, "forward", nan_forward)
-    assert oi.main(cli_args(tiny_pipeline_dir, str(tmp_path / "nan.png"))) != 0
-    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err_lines) == 1 and "NaN" in err_lines[0]
-    assert os.listdir(tmp_path) == []
+    check_bad_input(oi.main, cli_args(tiny_pipeline_dir, str(tmp_path / "nan.png")), ["NaN"], tmp_path, capsys)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Flags and bad input
+# The index of optimizations, its flags, the README
 # ----------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(oi.Options) if f.default is True])
-def test_no_flag_switches_its_option_off(name):
-    parser = oi.build_parser()
-    defaults = parser.parse_args(["--prompt", "x"])
-    args = parser.parse_args(["--prompt", "x", f"--no-{name.replace('_', '-')}"])
-    for f in dataclasses.fields(oi.Options):
-        assert hasattr(args, f.name), f"main builds Options from args: {f.name} must be an argument"
-        if f.default is True:
-            assert getattr(defaults, f.name) is True
-            assert getattr(args, f.name) is (f.name != name), f.name
-    assert (args.attention, args.inductor_tuning) == ("auto", False)
+def test_readme_table_is_the_index():
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        assert oi.optimizations_table() in f.read(), "README's table of optimizations: paste optimizations_table()"
 
 
-def test_attention_choices_and_inductor_tuning_flag():
-    parser = oi.build_parser()
-    for backend in ("auto", "cudnn", "flash", "sdpa", "fa2", "fa3"):
-        assert parser.parse_args(["--prompt", "x", "--attention", backend]).attention == backend
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--prompt", "x", "--attention", "xformers"])
-    assert parser.parse_args(["--prompt", "x", "--inductor-tuning"]).inductor_tuning is True
+@pytest.mark.parametrize("name", [f.name for f in oi.OPTIMIZATIONS if f.default is True])
+def test_no_flag_reaches_the_loaded_pipeline(name, tiny_pipeline_dir, tmp_path, monkeypatch):
+    """main() builds its Options with exactly that optimization off."""
+    handed = []
+
+    def stop(opts, device):
+        handed.append(opts)
+        raise oi.UserError("stop here")
+
+    monkeypatch.setattr(oi, "effective_options", stop)
+    flag = f"--no-{name.replace('_', '-')}"
+    assert oi.main(cli_args(tiny_pipeline_dir, str(tmp_path / "x.png"), flag)) == 2
+    assert oi.main(cli_args(tiny_pipeline_dir, str(tmp_path / "x.png"))) == 2
+    off, default = handed
+    assert dataclasses.replace(off, **{name: True}) == default and getattr(off, name) is False
 
 
-def test_attention_resolves_to_sdpa_on_cpu(capsys):
+def test_help_says_what_each_flag_does():
+    text = " ".join(oi.build_parser().format_help().split())
+    assert "(default: None)" not in text and "(default: True)" not in text and "(default: False)" not in text
+    for f in oi.OPTIMIZATIONS:
+        if f.name != "attention":
+            assert f"--no-{f.name.replace('_', '-')} turn off: {' '.join(f.metadata['what'].split())}" in text
+    assert "(default: 28 for dev, 4 for schnell)" in text and "(default: outputs)" in text
+    assert "--attention {auto,cudnn,flash,sdpa,fa2,fa3} the attention kernel" in text and "(default: auto)" in text
+
+
+def test_attention_per_architecture(monkeypatch, capsys):
+    """auto: cuDNN before FlashAttention-2 on Hopper, even with flash-attn installed; FlashAttention-2 first on
+    other GPUs when installed; SDPA on the CPU, and a CUDA-only kernel there is an error."""
+    def fa2(q, k, v):
+        return q
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=fa2))
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    cuda = torch.device("cuda")
+    for capability, expected in [((9, 0), "cudnn"), ((8, 0), "fa2"), ((8, 9), "fa2")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert oi.resolve_attention("auto", cuda) == expected, capability
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
+    assert oi.resolve_attention("auto", cuda) == "cudnn"
+    with pytest.raises(oi.UserError, match="--attention fa2 is not available"):
+        oi.resolve_attention("fa2", cuda)
     opts = oi.effective_options(oi.Options(), torch.device("cpu"))
     assert (opts.attention, opts.compile, opts.cuda_graphs) == ("sdpa", False, False)
     assert "note: no CUDA device" in capsys.readouterr().out
@@ -422,8 +439,9 @@ def test_attention_resolves_to_sdpa_on_cpu(capsys):
             oi.effective_options(oi.Options(attention=backend), torch.device("cpu"))
 
 
-
-
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit status 2, nothing written (in process; tests/helpers.py)
+# ----------------------------------------------------------------------------------------------------------------------
 BAD_INPUT = {
     "attention-cudnn-on-cpu": (["--attention", "cudnn"], ["--attention cudnn", "CUDA"]),
     "attention-fa3-on-cpu": (["--attention", "fa3"], ["--attention fa3", "CUDA"]),
@@ -439,29 +457,22 @@ BAD_INPUT = {
     "output-is-a-directory": (["--output", "{out}"], ["{out}"]),
     "profile-in-missing-directory": (["--profile", "{tmp}/no/such/dir/p.json"], ["no/such/dir"]),
     "model-missing-transformer-config": (["--model", "{no_transformer_config}"], ["transformer", "config.json"]),
+    "output-dir-without-prompts-file": (["--output-dir", "{tmp}/o"], ["--output-dir", "--prompts-file"]),
+    "strict-without-prompts-file": (["--strict"], ["--strict", "--prompts-file"]),
+    "output-with-prompts-file": (["--prompts-file", "{tmp}/p.txt"], ["--output is not used with --prompts-file"]),
+    "runs-with-prompts-file": (["--prompts-file", "{tmp}/p.txt", "--output", "output.png", "--runs", "3"],
+                               ["--runs is not used with --prompts-file"]),
 }
 
 
-def check_bad_input(extra, needles, tiny_dir, broken, tmp_path):
+@pytest.mark.parametrize("case", list(BAD_INPUT), ids=list(BAD_INPUT))
+def test_bad_input_is_one_line_error(case, tiny_pipeline_dir, broken_model_dirs, tmp_path, capsys):
+    extra, needles = BAD_INPUT[case]
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    args = cli_args(tiny_dir, str(out_dir / "out.png"))
-    fill = lambda s: s.replace("{tmp}", str(tmp_path)).replace("{out}", str(out_dir)).format(**broken)
-    extra, needles = [fill(a) for a in extra], [fill(n) for n in needles]
-    i = 0
-    while i < len(extra):  # override a flag's good value, or add the flag (with its value if it takes one)
-        flag = extra[i]
-        takes_value = i + 1 < len(extra) and not extra[i + 1].startswith("--")
-        if flag in args and takes_value:
-            args[args.index(flag) + 1] = extra[i + 1]
-        else:
-            args += extra[i:i + 1 + takes_value]
-        i += 1 + takes_value
-    assert_clean_error(run_script("optimized_inference.py", args), *needles)
-    assert os.listdir(out_dir) == []
-    assert not os.path.exists(str(out_dir) + ".tmp")
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUT), ids=list(BAD_INPUT))
-def test_bad_input_is_one_line_error(case, tiny_pipeline_dir, broken_model_dirs, tmp_path):
-    check_bad_input(*BAD_INPUT[case], tiny_pipeline_dir, broken_model_dirs, tmp_path)
+    fill = lambda s: s.replace("{tmp}", str(tmp_path)).replace("{out}", str(out_dir)).format(**broken_model_dirs)
+    args = cli_args(tiny_pipeline_dir, str(out_dir / "out.png"))
+    if "--prompts-file" in extra:  # a prompts file instead of --prompt
+        (tmp_path / "p.txt").write_text("a red cat\n")
+        args = args[2:]
+    check_bad_input(oi.main, with_flags(args, [fill(a) for a in extra]), [fill(n) for n in needles], out_dir, capsys)
