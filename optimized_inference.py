@@ -1370,11 +1370,11 @@ PROMPTS_FILE_FLAGS = ("output_dir", "strict")
 
 def check_args(args, defaults: argparse.Namespace) -> None:
     """Everything that can be checked before loading gigabytes of weights."""
-    unread = ONE_PROMPT_FLAGS if args.prompts_file else PROMPTS_FILE_FLAGS
-    for name in unread:
-        if getattr(args, name) != getattr(defaults, name):
-            mode = "--prompts-file" if args.prompts_file else "a single --prompt (it needs --prompts-file)"
-            raise UserError(f"--{name.replace('_', '-')} is not used with {mode}")
+    unread = [f"--{name.replace('_', '-')}" for name in (ONE_PROMPT_FLAGS if args.prompts_file else PROMPTS_FILE_FLAGS)
+              if getattr(args, name) != getattr(defaults, name)]
+    if unread:
+        mode = "--prompts-file" if args.prompts_file else "a single --prompt (they need --prompts-file)"
+        raise UserError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used with {mode}")
     if args.prompts_file is None and not (args.prompt or "").strip():
         raise UserError("--prompt is empty (give --prompt or --prompts-file)")
     if args.max_graphs < 1:
@@ -1502,4 +1502,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # The sibling modules import this file by name: make that this module, not a second copy of it.
+    sys.modules["optimized_inference"] = sys.modules["__main__"]
     sys.exit(main())

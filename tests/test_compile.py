@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import fp8
 import optimized_inference as opt
 
 
@@ -35,7 +36,7 @@ def step_inputs(model, seed=0):
 def test_compiled_euler_step_matches_eager(tiny, quantize):
     model = tiny.transformer
     if quantize:
-        model = opt.quantize_fp8_(opt.bf16_twin(model))
+        model = fp8.quantize_fp8_(fp8.bf16_twin(model))
     x, dt, cond = step_inputs(model)
     eager = opt.euler_step(model, x, dt, cond)
     compiled = torch.compile(functools.partial(opt.euler_step, model), fullgraph=True, dynamic=False)(x, dt, cond)
@@ -43,12 +44,13 @@ def test_compiled_euler_step_matches_eager(tiny, quantize):
     if not quantize:
         assert ((compiled - eager).norm() / update).item() < 1e-4
         return
-    # fp8: inductor's fused kernels round some activations to the neighbouring e4m3 value where eager does not
-    # (each such element moves by up to 1/8; measured 1.99e-2, most of it in the attention block), a
-    # fraction of fp8's own error (3.6% vs the unquantized model). A wrong scale or layout would be off by order 1.
+    # fp8: inductor's fused kernels quantize float32 activations where eager first rounds them to bf16, so some
+    # elements land on the neighbouring e4m3 value (each moves by up to 1/8). The bound is a share of fp8's own error
+    # (the quantized step against the unquantized one): measured 1.93-1.99e-2 against 3.6e-2, a ratio of 0.55. A
+    # wrong scale or layout would be off by order 1, several times fp8's error.
     unquantized = opt.euler_step(tiny.transformer, x, dt, cond)
     fp8_error = ((eager - unquantized).norm() / update).item()
-    assert ((compiled - eager).norm() / update).item() < 2e-2
+    assert ((compiled - eager).norm() / update).item() < 0.75 * fp8_error
     assert ((compiled - unquantized).norm() / update).item() < 1.25 * fp8_error
 
 
@@ -70,10 +72,14 @@ def test_regional_compile_shares_one_graph_per_block_kind(tiny):
 
 
 def test_compile_options_per_mode(tiny):
-    """The transformer's inductor options: none by default, unsplit reductions for fp8; the evidence line names them."""
+    """The transformer's inductor options: none by default, unsplit reductions for fp8 (unless switched off); the
+    evidence line names what the blocks were compiled with."""
     assert opt.compile_options(opt.Options()) == {}
-    assert opt.compile_options(opt.Options(quantize="fp8")) == {"split_reductions": False}
-    assert set(opt.compile_options(opt.Options(quantize="fp8"))) <= set(torch._inductor.config.get_config_copy())
-    fp8_compiled = dataclasses.replace(tiny, opts=dataclasses.replace(tiny.opts, compile=True, quantize="fp8"))
-    assert "compile=whole step (split_reductions=False)," in opt.describe(fp8_compiled)
+    fp8_opts = opt.Options(quantize="fp8")
+    assert opt.compile_options(fp8_opts) == {"split_reductions": False}
+    assert opt.compile_options(dataclasses.replace(fp8_opts, fp8_unsplit_reductions=False)) == {}
+    assert set(opt.compile_options(fp8_opts)) <= set(torch._inductor.config.get_config_copy())
     assert "compile=off," in opt.describe(tiny)
+    model = copy.deepcopy(tiny.transformer)
+    opt.compile_blocks(model, opt.compile_options(fp8_opts))
+    assert "compile=4 blocks (split_reductions=False)," in opt.describe(dataclasses.replace(tiny, transformer=model))

@@ -18,18 +18,14 @@ import torch
 from PIL import Image
 from torch import nn
 
+import fp8
 import optimized_inference as oi
 from benchmark import cuda_seconds
+from tests.helpers import TINY, rel_err
 
 PROMPT = "A photo of a cat sitting on a red chair in the warm morning light"
-TINY = dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=32, pooled_projection_dim=24, axes_dims_rope=(4, 6, 6))
 CPU = oi.Options(attention="sdpa", compile=False, cuda_graphs=False)
 ADALN = ("norm1.linear", "norm1_context.linear", "norm.linear")  # the blocks' adaLN projections: stay bf16
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def random_linear(k: int, n: int, dtype=torch.float32, device="cpu", seed=0) -> nn.Linear:
@@ -51,7 +47,7 @@ def test_quantize_round_trip_error_bound(dtype):
     # Rows and columns of very different magnitudes (as activations have), so the per-row scales matter.
     x = (torch.randn(256, 3072, generator=gen) * torch.exp(2 * torch.randn(256, 1, generator=gen))
          * torch.exp(torch.randn(1, 3072, generator=gen))).to(dtype)
-    q, scale = oi.quantize_fp8(x)
+    q, scale = fp8.quantize_fp8(x)
     assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape
     assert scale.dtype == torch.float32 and scale.shape == (256, 1)
     assert torch.equal(q.float().abs().amax(dim=-1), torch.full((256,), 448.0))  # each row uses the whole range
@@ -67,7 +63,7 @@ def test_quantize_zero_row_and_overflow():
     x = torch.zeros(3, 32)
     x[1] = torch.linspace(-5, 7, 32)
     x[2] = 1e30  # far past e4m3's range before scaling
-    q, scale = oi.quantize_fp8(x)
+    q, scale = fp8.quantize_fp8(x)
     assert torch.isfinite(q.float()).all() and torch.isfinite(scale).all()
     assert (q[0].float() == 0).all()
     assert (q[2].float() == 448).all() and torch.allclose(scale[2], torch.tensor([1e30 / 448]))
@@ -77,7 +73,7 @@ def test_quantize_zero_row_and_overflow():
 def test_float8_linear_matches_linear(k, n):
     lin = random_linear(k, n)
     x = torch.randn(2, 37, k, generator=torch.Generator().manual_seed(1))  # 3-D, tokens not a multiple of 16
-    f8 = oi.Float8Linear(lin)
+    f8 = fp8.Float8Linear(lin)
     assert f8.weight.dtype == torch.float8_e4m3fn and f8.weight.shape == (n, k)
     assert f8.weight.t().stride() == (1, k)  # column-major second operand, as _scaled_mm needs it
     assert f8.scale.dtype == torch.float32 and f8.scale.shape == (1, n)
@@ -90,7 +86,7 @@ def test_float8_linear_matches_linear(k, n):
     assert rel_err(out, expected) < 5e-2
     # Against the same arithmetic written out (dequantized operands, float64): only the bf16 output rounding and
     # float32 accumulation remain (measured 1.7e-3); a wrong scale layout or transposed operand would be far off.
-    qx, sx = oi.quantize_fp8(x.bfloat16().reshape(-1, k))
+    qx, sx = fp8.quantize_fp8(x.bfloat16().reshape(-1, k))
     exact = (qx.double() * sx.double()) @ (f8.weight.double() * f8.scale.double().t()).t() + f8.bias.double()
     assert rel_err(out.reshape(-1, n), exact) < 4e-3
     # bf16 itself, for scale (measured 0.0029): fp8 is ~13x further from float32 than a bf16 linear layer.
@@ -125,8 +121,8 @@ def test_quantize_fp8_replaces_exactly_the_block_linears(fused_qkv, expected):
     # Per double block: q/k/v (fused or not) and output of both streams, and both MLPs; per single block: q/k/v and
     # the MLP input (fused or not) and the output projection.
     assert len(intended) == expected
-    oi.quantize_fp8_(model)
-    assert linear_names(model, oi.Float8Linear) == intended
+    fp8.quantize_fp8_(model)
+    assert linear_names(model, fp8.Float8Linear) == intended
     assert linear_names(model, nn.Linear) == before - intended
     stay = {"x_embedder", "context_embedder", "proj_out", "norm_out.linear"}
     assert stay <= linear_names(model, nn.Linear)  # outside the blocks: bf16
@@ -134,11 +130,11 @@ def test_quantize_fp8_replaces_exactly_the_block_linears(fused_qkv, expected):
 
 
 def test_keep_bf16_leaves_blocks_at_both_ends():
-    model = oi.quantize_fp8_(tiny_flux(), keep_bf16=1)  # 4 blocks: the first double and the last single stay
-    blocks = {".".join(name.split(".")[:2]) for name in linear_names(model, oi.Float8Linear)}
+    model = fp8.quantize_fp8_(tiny_flux(), keep_bf16=1)  # 4 blocks: the first double and the last single stay
+    blocks = {".".join(name.split(".")[:2]) for name in linear_names(model, fp8.Float8Linear)}
     assert blocks == {"transformer_blocks.1", "single_transformer_blocks.0"}
-    assert len(linear_names(model, oi.Float8Linear)) == 8 + 2
-    assert not linear_names(oi.quantize_fp8_(tiny_flux(), keep_bf16=2), oi.Float8Linear)
+    assert len(linear_names(model, fp8.Float8Linear)) == 8 + 2
+    assert not linear_names(fp8.quantize_fp8_(tiny_flux(), keep_bf16=2), fp8.Float8Linear)
 
 
 def inputs(batch=2, h=8, w=12, txt_len=7, seed=5):
@@ -161,9 +157,9 @@ def velocity(model, x, cond, dtype=torch.bfloat16):
 def test_quantized_velocity_close_to_bf16_and_float32():
     fp32 = tiny_flux(dtype=torch.float32)
     bf16 = tiny_flux()
-    fp8 = oi.quantize_fp8_(oi.bf16_twin(bf16))
+    quantized = fp8.quantize_fp8_(fp8.bf16_twin(bf16))
     x, cond = inputs()
-    v32, v16, v8 = velocity(fp32, x, cond, torch.float32), velocity(bf16, x, cond), velocity(fp8, x, cond)
+    v32, v16, v8 = velocity(fp32, x, cond, torch.float32), velocity(bf16, x, cond), velocity(quantized, x, cond)
     assert v8.dtype == torch.bfloat16 and v8.shape == x.shape
     # Measured: fp8 vs bf16 0.029, fp8 vs float32 0.029, bf16 vs float32 0.007 (20 fp8 layers in 4 blocks).
     assert 1e-3 < rel_err(v8, v16) < 0.06
@@ -176,15 +172,15 @@ def test_quantized_velocity_close_to_bf16_and_float32():
 
 def test_bf16_twin_shares_weights_and_stays_bf16():
     model = tiny_flux()
-    twin = oi.bf16_twin(model)
+    twin = fp8.bf16_twin(model)
     for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items(), strict=True):
         assert a.data_ptr() == b.data_ptr(), name  # no copy: --compare-bf16 costs only the fp8 weights
     x, cond = inputs()
     before = velocity(twin, x, cond)
-    oi.quantize_fp8_(model)
-    assert not linear_names(twin, oi.Float8Linear)
+    fp8.quantize_fp8_(model)
+    assert not linear_names(twin, fp8.Float8Linear)
     assert torch.equal(velocity(twin, x, cond), before)
-    assert torch.equal(velocity(oi.quantize_fp8_(oi.bf16_twin(twin), keep_bf16=2), x, cond), before)
+    assert torch.equal(velocity(fp8.quantize_fp8_(fp8.bf16_twin(twin), keep_bf16=2), x, cond), before)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -195,14 +191,14 @@ def test_psnr_and_ssim():
     a = (127 + 100 * np.sin(xx / 7)[..., None] * np.cos(yy / 9)[..., None] * np.array([1.0, 0.5, -0.7]))
     a = a.round().astype(np.uint8)
     b = (a.astype(int) + (xx * 7 + yy * 13)[..., None] % 17 - 8).clip(0, 255).astype(np.uint8)
-    assert oi.psnr(a, a) == math.inf and oi.ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+    assert fp8.psnr(a, a) == math.inf and fp8.ssim(a, a) == pytest.approx(1.0, abs=1e-12)
     # scikit-image 0.26: structural_similarity(a, b, channel_axis=-1, gaussian_weights=True, sigma=1.5,
     # use_sample_covariance=False, data_range=255) and peak_signal_noise_ratio(a, b, data_range=255).
-    assert oi.ssim(a, b) == pytest.approx(0.892483898778358, abs=1e-8)
-    assert oi.psnr(a, b) == pytest.approx(34.32844884649342, abs=1e-9)
-    assert oi.ssim(b, a) == pytest.approx(oi.ssim(a, b), abs=1e-12)
+    assert fp8.ssim(a, b) == pytest.approx(0.892483898778358, abs=1e-8)
+    assert fp8.psnr(a, b) == pytest.approx(34.32844884649342, abs=1e-9)
+    assert fp8.ssim(b, a) == pytest.approx(fp8.ssim(a, b), abs=1e-12)
     # A batch [B, H, W, 3] averages over its images.
-    assert oi.ssim(np.stack([a, a]), np.stack([b, a])) == pytest.approx((0.892483898778358 + 1) / 2, abs=1e-8)
+    assert fp8.ssim(np.stack([a, a]), np.stack([b, a])) == pytest.approx((0.892483898778358 + 1) / 2, abs=1e-8)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -240,9 +236,9 @@ def test_cli_fp8_image_close_to_bf16(tiny_pipeline_dir, tmp_path, capsys):
     evidence = [line for line in capsys.readouterr().out.splitlines() if line.startswith("optimizations:")]
     assert [line.rsplit(", ", 1)[1] for line in evidence] == [
         "fp8 linear layers=0", "fp8 linear layers=20", "fp8 linear layers=10"]
-    bf16, fp8, keep = (np.asarray(Image.open(p).convert("RGB")) for p in paths)
+    bf16, quantized, keep = (np.asarray(Image.open(p).convert("RGB")) for p in paths)
     assert bf16.std() > 10
-    assert 25 < oi.psnr(fp8, bf16) < math.inf and 25 < oi.psnr(keep, bf16) < math.inf
+    assert 25 < fp8.psnr(quantized, bf16) < math.inf and 25 < fp8.psnr(keep, bf16) < math.inf
 
 
 ERRORS = {
@@ -251,7 +247,7 @@ ERRORS = {
     "keep-negative": (["--quantize", "fp8", "--fp8-keep-bf16", "-1"], "--fp8-keep-bf16 must be >= 0"),
     "fp8-float32": (["--quantize", "fp8", "--dtype", "float32"], "not --dtype float32"),
     "compare-prompts-file": (["--quantize", "fp8", "--compare-bf16", "--prompts-file", "p.txt"],
-                             "--compare-bf16 measures one --prompt"),
+                             "--prompt, --output, --warmup, --compare-bf16 are not used with --prompts-file"),
 }
 
 
@@ -315,18 +311,18 @@ def test_float8_linear_at_flux_shapes_cuda(fast_accum, monkeypatch, record_prope
     """Error against float32 and speed against bf16 for every GEMM shape of a step; random data, never zeros."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no float8 tensor cores on this GPU")
-    monkeypatch.setattr(oi, "FP8_FAST_ACCUM", fast_accum)
+    monkeypatch.setattr(fp8, "FP8_FAST_ACCUM", fast_accum)
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2 * len(FLUX_GEMMS))  # one graph per shape
     rows = []
     for m, k, n in FLUX_GEMMS:
         lin = random_linear(k, n, torch.bfloat16, "cuda")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        f8 = oi.Float8Linear(lin)
+        f8 = fp8.Float8Linear(lin)
         compiled = torch.compile(f8, fullgraph=True)  # as in the step: quantization fused into one kernel
         expected = x.float() @ lin.weight.float().t() + lin.bias.float()
         err_bf16, err_fp8, err_compiled = (rel_err(f(x), expected) for f in (lin, f8, compiled))
         assert err_fp8 < 5e-2 and err_compiled < 5e-2 and err_bf16 < 1e-2
-        qx, sx = oi.quantize_fp8(x)
+        qx, sx = fp8.quantize_fp8(x)
         flop = 2 * m * k * n
         gemm_only = functools.partial(torch._scaled_mm, qx, f8.weight.t(), scale_a=sx, scale_b=f8.scale,
                                       bias=f8.bias, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
@@ -357,17 +353,18 @@ def test_full_size_fp8_step_cuda(record_property):
         with torch.device("meta"):
             bf16 = oi.Flux(cfg, opts)
         bf16 = oi.init_random_(bf16.to_empty(device="cuda")).eval().requires_grad_(False)
-    fp8 = oi.quantize_fp8_(oi.bf16_twin(bf16))
-    pipe = oi.Pipeline(cfg, fp8, None, None, None, None, None, "random", torch.device("cuda"), torch.bfloat16, opts)
+    quantized = fp8.quantize_fp8_(fp8.bf16_twin(bf16))
+    pipe = oi.Pipeline(cfg, quantized, None, None, None, None, None, "random", torch.device("cuda"), torch.bfloat16,
+                       opts)
     gen = torch.Generator("cuda").manual_seed(0)
     x = torch.randn(1, 4096, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
     txt = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
     pooled = torch.randn(1, 768, device="cuda", dtype=torch.bfloat16, generator=gen)
     t, g = torch.full((1,), 0.5, device="cuda"), torch.full((1,), 3.5, device="cuda")
-    cond = fp8.condition(txt, torch.zeros(512, 3, device="cuda"), oi.image_ids(128, 128, "cuda"), t, g, pooled)
-    v16, v8 = bf16(x, **cond), fp8(x, **cond)
+    cond = quantized.condition(txt, torch.zeros(512, 3, device="cuda"), oi.image_ids(128, 128, "cuda"), t, g, pooled)
+    v16, v8 = bf16(x, **cond), quantized(x, **cond)
     oi.configure_inductor()
-    oi.compile_blocks(fp8, oi.compile_options(opts))  # as load_pipeline does (regional compilation)
+    oi.compile_blocks(quantized, oi.compile_options(opts))  # as load_pipeline does (regional compilation)
     one = torch.ones((), device="cuda")  # with dt = 1 the Euler step returns x + v
     step = oi.step_function(pipe, x, one, cond)
     assert isinstance(step, oi.CUDAGraphStep)

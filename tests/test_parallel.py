@@ -11,15 +11,14 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
 
+import context_parallel as cp
 import optimized_inference as oi
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, max_pixel_diff, read_png, rel_err
 
 WORLD = 2
 
@@ -28,10 +27,6 @@ CFG = dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim
            joint_attention_dim=32, pooled_projection_dim=24, axes_dims_rope=(2, 2, 4), scheduler=oi.FLUX_DEV_SCHEDULER)
 OPTS = oi.Options(attention="sdpa", compile=False, cuda_graphs=False)
 BATCH, H, W, TXT_LEN = 2, 8, 12, 6  # latent grid 8x12: 24 image tokens; 6 text tokens
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def make_model() -> oi.Flux:
@@ -70,14 +65,14 @@ def context_parallel_worker(rank: int, store: str, out_dir: str) -> None:
         cond = single.condition(inp["txt"], txt_ids, img_ids, inp["timestep"], guidance, inp["pooled"])
         expected = oi.velocity(single, x, cond)
         pipe = make_pipe(parallel)
-        oi.enable_context_parallel(pipe, group)
-        x_s, txt_s, txt_ids_s, img_ids_s = oi.shard_tokens(x, inp["txt"], txt_ids, img_ids, group)
+        cp.enable_context_parallel(pipe, group)
+        x_s, txt_s, txt_ids_s, img_ids_s = cp.shard_tokens(x, inp["txt"], txt_ids, img_ids, group)
         cond_s = parallel.condition(txt_s, txt_ids_s, img_ids_s, inp["timestep"], guidance, inp["pooled"])
         v_s = oi.velocity(parallel, x_s, cond_s)
         results["shard_shapes"] = (tuple(x_s.shape), tuple(cond_s["txt"].shape), tuple(cond_s["cos"].shape))
-        results["velocity"] = rel_err(oi.gather_tokens(v_s, group), expected)
+        results["velocity"] = rel_err(cp.gather_tokens(v_s, group), expected)
         # Control: the same shards attending only to their own rank's tokens are far off.
-        results["local_only"] = rel_err(oi.gather_tokens(oi.velocity(single, x_s, cond_s), group), expected)
+        results["local_only"] = rel_err(cp.gather_tokens(oi.velocity(single, x_s, cond_s), group), expected)
 
         # The step compiles as one graph, all-to-alls included (inductor needs a GPU here; aot_eager traces the same).
         step = torch.compile(functools.partial(oi.euler_step, parallel), fullgraph=True, backend="aot_eager")
@@ -90,12 +85,12 @@ def context_parallel_worker(rank: int, store: str, out_dir: str) -> None:
             args = (inp["noise"], inp["txt"], inp["pooled"], sigmas, 3.5)
             latents = oi.denoise(make_pipe(single, precompute=precompute), *args)
             par = make_pipe(parallel, precompute=precompute)
-            oi.enable_context_parallel(par, group)
+            cp.enable_context_parallel(par, group)
             results[f"denoise_precompute={precompute}"] = rel_err(oi.denoise(par, *args), latents)
 
         # Bad input: every rank raises before any collective, so none waits for the others.
         try:
-            oi.shard_tokens(x, inp["txt"][:, :5], txt_ids[:5], img_ids, group)
+            cp.shard_tokens(x, inp["txt"][:, :5], txt_ids[:5], img_ids, group)
         except oi.UserError as e:
             results["odd_text_error"] = str(e)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -161,11 +156,6 @@ def torchrun(nproc: int, args: list[str], env: dict | None = None) -> subprocess
                           env={**os.environ, **(env or {})})
 
 
-def read_png(path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB")).astype(np.int16)
-
-
 def test_cli_under_torchrun_matches_single_process(tiny_pipeline_dir, tmp_path, monkeypatch):
     single = tmp_path / "single.png"
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -182,7 +172,7 @@ def test_cli_under_torchrun_matches_single_process(tiny_pipeline_dir, tmp_path, 
 
     ours, reference = read_png(out_dir / "parallel.png"), read_png(single)
     assert reference.std() > 10
-    assert np.abs(ours - reference).max() <= 1
+    assert max_pixel_diff(ours, reference) <= 1
     # Only rank 0 wrote the image (a temporary file, renamed) and printed.
     assert os.listdir(out_dir) == ["parallel.png"]
     assert (tmp_path / "writes-rank0").read_text().splitlines() == [str(out_dir / "parallel.png.tmp")]

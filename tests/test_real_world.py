@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import bfl_checkpoint
 import optimized_inference as opt
+import prompts_file
 from tests.helpers import max_pixel_diff, read_png
 
 DEFAULTS = dict(prompt_2=None, seed=10, height=40, width=56, steps=2, guidance=3.5)
@@ -18,9 +20,10 @@ TINY_ARGS = ["--device", "cpu", "--dtype", "float32", "--max-sequence-length", "
 
 
 def test_parse_job_plain_and_json():
-    job = opt.parse_job("a red cat", 3, DEFAULTS, 8)
+    job = prompts_file.parse_job("a red cat", 3, DEFAULTS, 8)
     assert (job.prompt, job.prompt_2, job.seed, job.height, job.steps) == ("a red cat", "a red cat", 13, 40, 2)
-    job = opt.parse_job(json.dumps({"prompt": "a dog", "seed": 1, "height": 64, "guidance": 2}), 0, DEFAULTS, 8)
+    line = json.dumps({"prompt": "a dog", "seed": 1, "height": 64, "guidance": 2})
+    job = prompts_file.parse_job(line, 0, DEFAULTS, 8)
     assert (job.seed, job.height, job.width, job.guidance) == (1, 64, 56, 2)
 
 
@@ -36,24 +39,24 @@ def test_parse_job_plain_and_json():
 ])
 def test_parse_job_rejects(line, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        opt.parse_job(line, 0, DEFAULTS, 8)
+        prompts_file.parse_job(line, 0, DEFAULTS, 8)
 
 
 def test_read_prompts_file_skips_bad_lines_with_their_numbers(tmp_path, capsys):
     path = tmp_path / "p.jsonl"
     path.write_text('a\n\n# comment\n{"prompt": "b", "height": 44}\n{"prompt": "c", "seed": 3}\n')
-    jobs = opt.read_prompts_file(str(path), DEFAULTS, 8, strict=False)
+    jobs = prompts_file.read_prompts_file(str(path), DEFAULTS, 8, strict=False)
     assert [(j.prompt, j.index, j.seed) for j in jobs] == [("a", 0, 10), ("c", 1, 3)]
     assert f"{path}:4: height must be a multiple of 8" in capsys.readouterr().err
     with pytest.raises(opt.UserError, match=r"1 bad line.*:4:.*--strict"):
-        opt.read_prompts_file(str(path), DEFAULTS, 8, strict=True)
+        prompts_file.read_prompts_file(str(path), DEFAULTS, 8, strict=True)
 
 
 def test_batches_group_consecutive_jobs_of_one_shape():
-    jobs = [opt.parse_job(line, i, DEFAULTS, 8) for i, line in enumerate(
+    jobs = [prompts_file.parse_job(line, i, DEFAULTS, 8) for i, line in enumerate(
         ["a", "b", "c", '{"prompt": "d", "height": 64}', '{"prompt": "e", "height": 64}', "f"])]
-    assert [[j.prompt for j in b] for b in opt.batches(jobs, 2)] == [["a", "b"], ["c"], ["d", "e"], ["f"]]
-    assert [len(b) for b in opt.batches(jobs, 1)] == [1] * 6
+    assert [[j.prompt for j in b] for b in prompts_file.batches(jobs, 2)] == [["a", "b"], ["c"], ["d", "e"], ["f"]]
+    assert [len(b) for b in prompts_file.batches(jobs, 1)] == [1] * 6
 
 
 def test_prompts_file_batched_equals_one_by_one(tiny_pipeline_dir, tmp_path, capsys):
@@ -165,7 +168,7 @@ def test_bfl_single_file_checkpoint_gives_the_same_image(tiny_pipeline_dir, tmp_
                          "--output", str(tmp_path / "bfl.png")]) == 0
         assert np.array_equal(read_png(tmp_path / "dir.png"), read_png(tmp_path / "bfl.png"))
     config = json.load(open(os.path.join(tiny_pipeline_dir, "transformer", "config.json")))
-    cfg = opt.config_from_bfl(bfl_state, {})
+    cfg = bfl_checkpoint.config_from_bfl(bfl_state, {})
     assert (cfg.num_layers, cfg.num_single_layers, cfg.num_attention_heads, cfg.guidance_embeds) == (
         config["num_layers"], config["num_single_layers"], config["num_attention_heads"], config["guidance_embeds"])
 

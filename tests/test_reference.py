@@ -13,11 +13,22 @@ from PIL import Image
 from transformers import T5TokenizerFast
 
 import single_file_inference as sfi
-from tests.helpers import assert_clean_error, max_pixel_diff, read_png, run_script
-
-PROMPT = "A photo of a cat sitting on a red chair in the warm morning light"
-# Non-square, a multiple of 8 (the tiny VAE's scale factor 4 times the 2x2 packing): latent grid 10x14.
-HEIGHT, WIDTH, STEPS, GUIDANCE, SEED, MAX_SEQ = 40, 56, 3, 3.5, 7, 48
+from tests.helpers import (
+    GUIDANCE,
+    HEIGHT,
+    MAX_SEQ,
+    PROMPT,
+    SEED,
+    STEPS,
+    TINY,
+    WIDTH,
+    check_bad_input,
+    cli_args,
+    max_pixel_diff,
+    read_png,
+    rel_err,
+    run_script,
+)
 
 # The scheduler_config.json files of the FLUX.1 hub repos, written out here rather than taken from the script.
 DEV_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -26,10 +37,6 @@ SCHNELL_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifti
                          max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
 # Not a FLUX.1 config, but it exercises the static-shift branch with a shift that actually bends the schedule.
 STATIC_SHIFT_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def redraw_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -48,12 +55,6 @@ def redraw_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             else:
                 p.copy_(0.1 * noise)
     return model
-
-
-def cli_args(model_dir: str, output: str, *extra: str) -> list[str]:
-    return ["--prompt", PROMPT, "--model", model_dir, "--device", "cpu", "--dtype", "float32",
-            "--height", str(HEIGHT), "--width", str(WIDTH), "--steps", str(STEPS), "--guidance", str(GUIDANCE),
-            "--max-sequence-length", str(MAX_SEQ), "--seed", str(SEED), "--output", output, *extra]
 
 
 def diffusers_images(model_dir: str, seeds=(SEED,), output_type: str = "np"):
@@ -268,9 +269,7 @@ def test_pack_unpack_match_diffusers(batch, channels, h, w):
 # ----------------------------------------------------------------------------------------------------------------------
 # Strict loading
 # ----------------------------------------------------------------------------------------------------------------------
-TINY_CFG = sfi.FluxConfig(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                          num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24,
-                          axes_dims_rope=(4, 6, 6))
+TINY_CFG = sfi.FluxConfig(**TINY)
 
 
 def tiny_state_dict() -> dict[str, torch.Tensor]:
@@ -346,35 +345,27 @@ BAD_INPUT = {
 }
 
 
-def bad_input_args(case, tiny_dir, broken, tmp_path):
-    extra, which, needles = case
-    model = {"tiny": tiny_dir, "nonexistent": str(tmp_path / "does_not_exist")}.get(which) or broken[which]
+@pytest.mark.parametrize("case", list(BAD_INPUT), ids=list(BAD_INPUT))
+def test_bad_input_is_one_line_error(case, tiny_pipeline_dir, broken_model_dirs, tmp_path, capsys):
+    extra, which, needles = BAD_INPUT[case]
+    if extra[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    model = {"tiny": tiny_pipeline_dir, "nonexistent": str(tmp_path / "does_not_exist")}.get(which) or \
+        broken_model_dirs[which]
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    fill = lambda s: s.replace("{tmp}", str(out_dir))
-    args = cli_args(model, str(out_dir / "out.png"))
-    extra = [fill(a) for a in extra]
-    for flag, value in zip(extra[::2], extra[1::2]):  # override the flag's good value, or add the flag
-        if flag in args:
-            args[args.index(flag) + 1] = value
-        else:
-            args += [flag, value]
-    return args, [fill(n) for n in needles], out_dir
-
-
-def check_bad_input(script, case, tiny_dir, broken, tmp_path):
-    if case[0][:2] == ["--device", "cuda"] and torch.cuda.is_available():
-        pytest.skip("CUDA is available here")
-    args, needles, out_dir = bad_input_args(case, tiny_dir, broken, tmp_path)
-    proc = run_script(script, args)
-    assert_clean_error(proc, *needles)
-    assert os.listdir(out_dir) == [], "nothing may be written on bad input"
+    fill = lambda s: s.replace("{tmp}", str(out_dir))  # noqa: E731
+    args = cli_args(model, str(out_dir / "out.png"), *[fill(a) for a in extra])
+    check_bad_input(sfi.main, args, [fill(n) for n in needles], out_dir, capsys)
     assert not os.path.exists(str(out_dir) + ".tmp")
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUT), ids=list(BAD_INPUT))
-def test_bad_input_is_one_line_error(case, tiny_pipeline_dir, broken_model_dirs, tmp_path):
-    check_bad_input("single_file_inference.py", BAD_INPUT[case], tiny_pipeline_dir, broken_model_dirs, tmp_path)
+def test_bad_input_as_a_user_runs_it(tmp_path):
+    """One case in a process of its own: what reaches the terminal is one line and exit status 2."""
+    proc = run_script("single_file_inference.py", cli_args(str(tmp_path / "no_model"), str(tmp_path / "o.png")))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --model {str(tmp_path / 'no_model')!r} is not a directory with a diffusers FLUX pipeline"]
+    assert os.listdir(tmp_path) == []
 
 
 def test_failed_save_is_an_error_and_leaves_no_file(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
