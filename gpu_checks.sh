@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
 # Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [ttfi] [offload] [fp8-error] [batch] [parallel]
-#        [bench CONFIGS]
+#        [bench CONFIGS] [bench-old CONFIGS]
 # (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
-# counts of `parallel` (default "1 2 4").
+# counts of `parallel` (default "1 2 4"). `bench-old` runs ./old/benchmark.py: the code before a change, exported
+# there with `git archive REV | tar -x -C old` and carried, so that old and new rows share one call and one card.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 # diffusers is not on the device image (a caller running several of these at once installs it first)
@@ -64,12 +65,14 @@ PY
         python3 benchmark.py --random-weights --configs opt+attention --batch-size $b --out-dir "$OUT/batch$b" 2>&1 \
           | tee "$OUT/batch$b.log" || status=1
       done ;;
-    bench) configs=${steps[0]}; steps=("${steps[@]:1}")
-           python3 benchmark.py --random-weights --configs "$configs" --out-dir "$OUT/bench" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
+    bench|bench-old) configs=${steps[0]}; steps=("${steps[@]:1}"); dir=.; [ "$step" = bench-old ] && dir=old
+           python3 $dir/benchmark.py --random-weights --configs "$configs" --out-dir "$OUT/$step" 2>&1 \
+             | tee "$OUT/$step.log" || status=1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
   echo "== $step: $(( $(date +%s) - start ))s"
 done
+for f in "$OUT"/bench/results.md "$OUT"/bench-old/results.md; do [ -f "$f" ] && { echo "$f"; grep '^|' "$f"; }; done
 for f in "$OUT"/reference.json "$OUT"/optimized.json "$OUT"/offload.json "$OUT"/fp8-error.json "$OUT"/cp*.json; do
   [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], *(f'{k}={d[k][\"median\"]:.3f}s' for k in ('text_encoders','denoiser','vae','end_to_end')), f'warmup={d[\"warmup_s\"]:.1f}s peak={d.get(\"peak_mem_GiB\",0):.1f}GiB')" "$f"
 done
