@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import importlib
 import json
 import math
 import os
@@ -124,7 +125,7 @@ def optimization(what: str, why: str, exact: bool = True, default=True):
 @dataclass(frozen=True)
 class Options:
     """The optimizations, in the order a step meets them. The `--no-...` flags, their help and the README's table
-    come from these fields (optimizations_table); describe() reports what the loaded model and its steps show."""
+    (tests/test_optimized.py) come from these fields; describe() reports what the model and its steps show."""
 
     text_buckets: bool = optimization(
         "T5 length rounded up to a multiple of 128 instead of always the maximum (512)",
@@ -181,15 +182,6 @@ class Options:
 OPTIMIZATIONS = [f for f in fields(Options) if "why" in f.metadata]
 
 
-def optimizations_table() -> str:
-    """The README's table of optimizations, from Options (tests/test_optimized.py keeps the README in step)."""
-    rows = ["| flag | what | why |", "| --- | --- | --- |"]
-    for f in OPTIMIZATIONS:
-        flag = "--attention" if f.name == "attention" else f"--no-{f.name.replace('_', '-')}"
-        rows.append(f"| `{flag}` | {f.metadata['what']} | {f.metadata['why']} |")
-    return "\n".join(rows)
-
-
 class UserError(Exception):
     """Bad input: reported as one line on stderr with a non-zero exit status."""
 
@@ -209,9 +201,7 @@ def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int, dtype=torch.f
     """Rotary tables for positions `ids` [S, n_axes]; each axis rotates its own slice of the head dimension.
 
     Angles are computed in float64: at 4608 positions float32 angles already lose the low bits that decide cos/sin.
-    The tables are then stored in `dtype` (bf16 by default): only the angles need the precision, not cos/sin.
-    Pair j's angle sits at channels 2j and 2j+1 (interleaved, the checkpoint's layout), or with `halves` at j and
-    j + D/2 (see apply_rope).
+    Stored in `dtype` (Options.bf16_rope); pair j's angle at channels 2j and 2j+1, or with `halves` at j and j + D/2.
     """
     freqs = [1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim) for dim in axes_dim]
     angles = torch.cat([torch.outer(ids[:, i].double(), f) for i, f in enumerate(freqs)], dim=-1)  # [S, D/2]
@@ -222,14 +212,9 @@ def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int, dtype=torch.f
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, halves: bool = False) -> torch.Tensor:
     """Rotate the pairs of x [B, S, H, D] by the angles behind cos/sin [S, D]: consecutive pairs (x[2j], x[2j+1]),
-    or with `halves` (x[j], x[j + D/2]).
-
-    Halves: the rotated tensor is two contiguous slices of x swapped, where interleaved pairs make every element
-    load its neighbour: the compiled q/k norm + RoPE kernel runs in 2/3 of the time (BENCHMARKS.md, run 16). The
-    attention scores are sums over q[d] * k[d], so q and k may order their channels any way as long as both do
-    the same: permute_rope_pairs() reorders the projection rows at load time.
-    Computed in the tables' dtype: with bf16 tables no float32 copy of q/k is made (compiled, the arithmetic still
-    runs in float32 registers inside one fused kernel; only what is stored is bf16).
+    or with `halves` (x[j], x[j + D/2]): two contiguous slices swapped instead of every element loading its
+    neighbour. Scores are sums over q[d] * k[d], so q and k may order their channels any way both share
+    (permute_rope_pairs). In the tables' dtype: with bf16 tables no float32 copy of q/k is stored.
     """
     if halves:
         x0, x1 = x.chunk(2, dim=-1)
@@ -242,10 +227,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, halves: bo
 
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "sdpa", "fa2", "fa3")
-# --attention auto: the kernels to try, fastest first, per GPU architecture (major compute capability). Hopper was
-# measured on the lent H200 at FLUX's shape [1, 24, 4608, 128]: cuDNN 535-607 TFLOP/s, FlashAttention-4 444, SDPA's
-# flash kernel (FlashAttention-2) 301 (BENCHMARKS.md); FlashAttention-3 has no wheel to measure. The other
-# architectures keep FlashAttention-2 first, unmeasured here.
+# --attention auto: the kernels to try, fastest first, per GPU architecture (major compute capability). Hopper, on
+# the lent H200 at FLUX's shape: cuDNN 535-607 TFLOP/s, FlashAttention-4 444, SDPA's flash kernel (FlashAttention-2)
+# 301 (BENCHMARKS.md). Other architectures keep FlashAttention-2 first, unmeasured here.
 AUTO_ATTENTION = {9: ("cudnn", "fa3", "fa2", "sdpa")}
 AUTO_ATTENTION_OTHER = ("fa2", "cudnn", "sdpa")
 
@@ -279,15 +263,12 @@ def resolve_attention(backend: str, device: torch.device) -> str:
         return "sdpa"
     major = torch.cuda.get_device_capability(device)[0]
     for name in AUTO_ATTENTION.get(major, AUTO_ATTENTION_OTHER) if backend == "auto" else [backend]:
-        if name in ("fa2", "fa3"):
+        if name in ("fa2", "fa3"):  # FlashAttention-3's Hopper package, or FlashAttention-2's
             try:
-                if name == "fa3":
-                    from flash_attn_interface import flash_attn_func
-                else:
-                    from flash_attn import flash_attn_func
+                FLASH_ATTN_FUNCS[name] = importlib.import_module(
+                    "flash_attn_interface" if name == "fa3" else "flash_attn").flash_attn_func
             except ImportError:
                 continue
-            FLASH_ATTN_FUNCS[name] = flash_attn_func
         elif name == "cudnn" and not torch.backends.cudnn.is_available():
             continue
         return name
@@ -300,14 +281,9 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU's tanh approximation, 0.5 x (1 + tanh(u)), written as x * sigmoid(2u): the same function without tanh.
-
-    fp8 quantizes the MLP's hidden activations per token, so the compiled kernel computes GELU twice per element
-    (once for the row's amax, once for the cast), and with tanh (libdevice's, dozens of instructions) it was bound
-    by arithmetic, not memory: the sigmoid form ran the single blocks' kernel in 2/3 of the time (BENCHMARKS.md,
-    run 16). In bf16 the kernels are bound by memory and either form runs as fast. Computed in float32 and rounded
-    once, as F.gelu does: eager bf16 would round after each of its seven ops (compiled, the casts cost nothing).
-    """
+    """GELU's tanh approximation, 0.5 x (1 + tanh(u)), written as x * sigmoid(2u): the same function without tanh,
+    whose libdevice form (dozens of instructions) bound fp8's GELU + amax + cast kernel, which evaluates GELU twice
+    per element. Computed in float32 and rounded once, as F.gelu does."""
     xf = x.float()
     return (xf * torch.sigmoid(math.sqrt(8 / math.pi) * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
 
@@ -469,15 +445,16 @@ class DoubleAttention(nn.Module):
         else:
             iq, ik, iv = heads(self.to_q(img)), heads(self.to_k(img)), heads(self.to_v(img))
             tq, tk, tv = heads(self.add_q_proj(txt)), heads(self.add_k_proj(txt)), heads(self.add_v_proj(txt))
-        tq, tk, iq, ik = self.norm_added_q(tq), self.norm_added_k(tk), self.norm_q(iq), self.norm_k(ik)
         rot = functools.partial(apply_rope, halves=self.halves)
         if self.per_stream:  # compiled, each stream's norm + RoPE is one kernel writing straight into the joint q/k
             txt_pe, img_pe = zip(*(t.split([txt.shape[1], img.shape[1]]) for t in pe), strict=True)
-            q = torch.cat([rot(tq, *txt_pe), rot(iq, *img_pe)], dim=1)
-            k = torch.cat([rot(tk, *txt_pe), rot(ik, *img_pe)], dim=1)
+            q = torch.cat([rot(self.norm_added_q(tq), *txt_pe), rot(self.norm_q(iq), *img_pe)], dim=1)
+            k = torch.cat([rot(self.norm_added_k(tk), *txt_pe), rot(self.norm_k(ik), *img_pe)], dim=1)
         else:
-            q, k = rot(torch.cat([tq, iq], dim=1), *pe), rot(torch.cat([tk, ik], dim=1), *pe)
-        out = self.attend(q, k, torch.cat([tv, iv], dim=1))  # [B, L_txt + L_img, hidden]
+            q = rot(torch.cat([self.norm_added_q(tq), self.norm_q(iq)], dim=1), *pe)
+            k = rot(torch.cat([self.norm_added_k(tk), self.norm_k(ik)], dim=1), *pe)
+        v = torch.cat([tv, iv], dim=1)
+        out = self.attend(q, k, v)  # [B, L_txt + L_img, hidden]
         txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)
         return self.to_out[0](img_out), self.to_add_out(txt_out)
 
@@ -542,7 +519,8 @@ class SingleStreamBlock(nn.Module):
                                                      - 3 * self.dim], dim=-1)
         else:
             q, k, v, mlp = self.attn.to_q(h), self.attn.to_k(h), self.attn.to_v(h), self.proj_mlp(h)
-        return x + gate[:, None] * self.proj_out(torch.cat([self.attn(q, k, v, pe), self.act(mlp)], dim=-1))
+        mlp = self.act(mlp)
+        return x + gate[:, None] * self.proj_out(torch.cat([self.attn(q, k, v, pe), mlp], dim=-1))
 
 
 class Flux(nn.Module):
@@ -934,16 +912,11 @@ def configure_inductor() -> None:
 def compile_options(opts: Options) -> dict:
     """Inductor options for the transformer's graphs (not the VAE's).
 
-    fp8 (--no-fp8-unsplit-reductions to switch off): each fp8 matmul's input needs its per-token amax first; by
-    default inductor splits the amax over the single blocks' 15360-wide MLP rows into chunks, in a kernel of its own,
-    then reads the rows again to cast them. Unsplit, the amax and the cast fuse into one kernel that reads each row a
-    second time while it is still in L2. Measured on an H100 (BENCHMARKS.md, run 13): fp8 denoiser 2.770 -> 2.687 s,
-    and 13 s less compile.
-
-    --inductor-tuning: minutes more compile for a few percent, so opt-in. Coordinate descent tunes the block sizes of
-    inductor's own kernels; max_autotune_gemm times Triton matmul templates (persistent TMA ones on Hopper) against
-    cuBLAS at every GEMM shape. The VAE decoder compiles without them: its convolutions alone took over 3 minutes of
-    autotuning (run 11), for 1% of the image's time.
+    fp8: each matmul's input needs its per-token amax first; inductor splits that reduction over the 15360-wide MLP
+    rows into a kernel of its own, then reads the rows again to cast them; unsplit, amax and cast fuse into one.
+    --inductor-tuning (opt-in: minutes more compile for 1-2%, runs 12 and 19): coordinate descent tunes inductor's
+    own kernels; max_autotune_gemm times Triton matmul templates against cuBLAS at every GEMM shape. Not for the VAE:
+    its convolutions alone autotuned for over 3 minutes (run 11), for 1% of the image's time.
     """
     options = {"split_reductions": False} if opts.quantize == "fp8" and opts.fp8_unsplit_reductions else {}
     if opts.inductor_tuning:
@@ -963,14 +936,9 @@ def compile_at_load(transformer: Flux, vae: nn.Module, opts: Options) -> None:
 
 
 def compile_blocks(model: Flux, options: dict | None = None) -> None:
-    """Regional compilation: compile each block rather than the whole step.
-
-    Dynamo reuses a compiled graph for every module of the same structure and shapes (the weights are graph inputs),
-    so the 19 double blocks share one graph and the 38 single blocks another: two blocks' worth of compiling instead
-    of 57. The few ops between blocks (embedders, final layer, Euler update) run eagerly inside the CUDA graph; what
-    is lost is fusion across block boundaries. Measured on an H100 (BENCHMARKS.md, run 8): 50 s of warm-up instead
-    of 178 s, for a denoiser 1.8% slower than --no-regional-compile's whole-step graph.
-    """
+    """Regional compilation: dynamo reuses a compiled graph for every module of the same structure and shapes (the
+    weights are graph inputs), so the 19 double blocks share one graph and the 38 single blocks another. The few ops
+    between blocks run eagerly inside the CUDA graph; what is lost is fusion across block boundaries."""
     for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
         block.compile(fullgraph=True, dynamic=False, options=options)
     model.compile_options = options or {}  # what the blocks were compiled with, for describe()
@@ -991,10 +959,8 @@ def effective_options(opts: Options, device: torch.device) -> Options:
 
 
 def describe(pipe: Pipeline) -> str:
-    """Evidence that each optimization applied, read off the loaded model and what the last request ran (pipe.seen),
-    never off the flags."""
-    model, seen = pipe.transformer, pipe.seen
-    modules = list(model.modules())
+    """Evidence that each optimization applied, read off the model and what the last request ran (pipe.seen)."""
+    model, seen, modules = pipe.transformer, pipe.seen, list(pipe.transformer.modules())
     count = lambda test: sum(1 for m in modules if test(m))  # noqa: E731
     fp8 = sys.modules.get("fp8")  # never imported: no fp8 layer can exist
     # The function every attention module calls, with its kernel: "cudnn", or "cudnn (context_parallel_attention)".
@@ -1008,25 +974,18 @@ def describe(pipe: Pipeline) -> str:
     if "per_step_inputs" in seen:  # --no-precompute: the tables are made inside the step; make them once more here
         with torch.no_grad():
             rope_dtype = str(model.condition(**seen["per_step_inputs"])["cos"].dtype).removeprefix("torch.")
-    parts = {
-        "T5 tokens": seen.get("t5_tokens"),
-        "conditioning": seen.get("conditioning"),
+    return "optimizations: " + ", ".join(f"{k}={v}" for k, v in {
+        "T5 tokens": seen.get("t5_tokens"), "conditioning": seen.get("conditioning"),
         "fused projections": sum(isinstance(getattr(m, n, None), nn.Module) for m in modules
                                  for n in ("to_qkv", "to_added_qkv", "to_qkv_mlp")),
-        "rope": rope_dtype,
-        "rope over head halves": count(lambda m: getattr(m, "halves", False)),
-        "rope per stream": count(lambda m: getattr(m, "per_stream", False)),
-        "attention": " + ".join(sorted(attends)),
-        "sigmoid gelu": count(lambda m: getattr(m, "act", None) is gelu_tanh),
-        "step": seen.get("step"),
-        "compile": compiled,
-        "vae compiled": hasattr(pipe.vae.decode, "_torchdynamo_orig_callable"),
+        "rope": rope_dtype, "rope over head halves": count(lambda m: getattr(m, "halves", False)),
+        "rope per stream": count(lambda m: getattr(m, "per_stream", False)), "attention": " + ".join(sorted(attends)),
+        "sigmoid gelu": count(lambda m: getattr(m, "act", None) is gelu_tanh), "step": seen.get("step"),
+        "compile": compiled, "vae compiled": hasattr(pipe.vae.decode, "_torchdynamo_orig_callable"),
         "cuda graphs": sum(isinstance(s, CUDAGraphStep) for s in pipe.steps.values()),
         "channels-last vae": next(pipe.vae.parameters()).is_contiguous(memory_format=torch.channels_last),
         "uint8 on": seen.get("uint8_on"),
-        "fp8 linear layers": 0 if fp8 is None else count(lambda m: isinstance(m, fp8.Float8Linear)),
-    }
-    return "optimizations: " + ", ".join(f"{k}={v}" for k, v in parts.items())
+        "fp8 linear layers": 0 if fp8 is None else count(lambda m: isinstance(m, fp8.Float8Linear))}.items())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

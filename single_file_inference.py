@@ -747,9 +747,17 @@ def summarize(per_run: list[dict], warmup_s: float, device: torch.device) -> dic
 # ----------------------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default, unless there is none worth showing or its help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--prompt-2", default=None, help="prompt for T5 (defaults to --prompt)")
     p.add_argument("--model", default="black-forest-labs/FLUX.1-dev",

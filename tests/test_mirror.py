@@ -16,7 +16,7 @@ MIRRORED = [
     "MLPEmbedder", "TimeTextEmbed", "QKNorm", "init_random_",
     "COMPONENTS", "read_json", "transformer_state_dict", "load_weights_strict", "ByteTokenizer", "load_tokenizers",
     "default_dtype", "initial_noise", "Request",
-    "Timer", "timed_runs", "sync", "summarize", "check_size", "save_png",
+    "Timer", "timed_runs", "sync", "summarize", "HelpFormatter", "check_size", "save_png",
 ]
 
 

@@ -383,9 +383,19 @@ def test_nan_latents_are_an_error(tiny_pipeline_dir, tmp_path, capsys, monkeypat
 # ----------------------------------------------------------------------------------------------------------------------
 # The index of optimizations, its flags, the README
 # ----------------------------------------------------------------------------------------------------------------------
+def optimizations_table() -> str:
+    """The README's table of optimizations, from Options."""
+    rows = ["| flag | what | why |", "| --- | --- | --- |"]
+    for f in oi.OPTIMIZATIONS:
+        flag = "--attention" if f.name == "attention" else f"--no-{f.name.replace('_', '-')}"
+        rows.append(f"| `{flag}` | {f.metadata['what']} | {f.metadata['why']} |")
+    return "\n".join(rows)
+
+
 def test_readme_table_is_the_index():
+    """README.md carries the table of Options as it is (to print it: python3 -m tests.test_optimized)."""
     with open(os.path.join(REPO_ROOT, "README.md")) as f:
-        assert oi.optimizations_table() in f.read(), "README's table of optimizations: paste optimizations_table()"
+        assert optimizations_table() in f.read(), "README's table of optimizations differs from Options"
 
 
 @pytest.mark.parametrize("name", [f.name for f in oi.OPTIMIZATIONS if f.default is True])
@@ -476,3 +486,7 @@ def test_bad_input_is_one_line_error(case, tiny_pipeline_dir, broken_model_dirs,
         (tmp_path / "p.txt").write_text("a red cat\n")
         args = args[2:]
     check_bad_input(oi.main, with_flags(args, [fill(a) for a in extra]), [fill(n) for n in needles], out_dir, capsys)
+
+
+if __name__ == "__main__":
+    print(optimizations_table())
