@@ -93,6 +93,18 @@ def bf16_twin(model: Flux) -> Flux:
     return twin.eval().requires_grad_(False)
 
 
+def check_fp8_args(args) -> None:
+    """The fp8 flags' own checks, before anything is loaded."""
+    if args.compare_bf16 and args.quantize != "fp8":
+        raise UserError("--compare-bf16 measures fp8's error: it needs --quantize fp8")
+    if args.fp8_keep_bf16 and args.quantize != "fp8":
+        raise UserError("--fp8-keep-bf16 needs --quantize fp8")
+    if args.fp8_keep_bf16 < 0:
+        raise UserError(f"--fp8-keep-bf16 must be >= 0, got {args.fp8_keep_bf16}")
+    if args.quantize == "fp8" and args.dtype != "bfloat16":
+        raise UserError(f"--quantize fp8 runs around its float8 matmuls in bfloat16, not --dtype {args.dtype}")
+
+
 def check_fp8_support(device: torch.device) -> None:
     """float8 matmuls run on GPUs of compute capability 8.9 or newer (L4, L40S, H100, B200); on the CPU torch
     emulates them (slowly), so the whole fp8 path runs in the CPU tests too."""

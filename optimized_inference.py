@@ -127,51 +127,42 @@ class Options:
     """The optimizations, in the order a step meets them. The `--no-...` flags, their help and the README's table
     (tests/test_optimized.py) come from these fields; describe() reports what the model and its steps show."""
 
-    text_buckets: bool = optimization(
-        "T5 length rounded up to a multiple of 128 instead of always the maximum (512)",
-        "short prompts attend over fewer tokens, with few shapes to compile", exact=False)
+    text_buckets: bool = optimization("T5 length rounded up to a multiple of 128 instead of always 512",
+                                      "short prompts attend over fewer tokens, with few shapes to compile", False)
     precompute: bool = optimization(
-        "RoPE tables, the text projection and all 77 adaLN modulations for every step, once per request "
-        "(`Flux.condition`)", "one pass over 6.5 GB of modulation weights per request instead of per step")
+        "RoPE tables, text projection and all 77 adaLN modulations of every step once per request (`Flux.condition`)",
+        "one pass over 6.5 GB of modulation weights per request instead of per step")
     fused_qkv: bool = optimization(
-        "q/k/v as one matmul per stream; in single blocks q/k/v and the MLP input as one [3072 -> 21504] matmul "
-        "(`fuse_projections`, at load time)", "fewer, larger GEMMs read the activations once")
-    bf16_rope: bool = optimization(
-        "RoPE tables and rotation in bf16", "the reference rotates q and k in float32: extra copies", exact=False)
+        "q/k/v as one matmul per stream; single blocks: q/k/v and the MLP input as one (`fuse_projections`)",
+        "fewer, larger GEMMs read the activations once")
+    bf16_rope: bool = optimization("RoPE tables and rotation in bf16",
+                                   "the reference rotates q and k in float32: extra copies", False)
     rope_halves: bool = optimization(
-        "RoPE rotates channel j with j + 64 instead of 2j with 2j+1; q/k projection rows and norm weights permuted "
-        "at load time to match (`permute_rope_pairs`)",
-        "the norm + RoPE kernel reads two contiguous halves instead of swapping neighbours: 186 -> 122 us (run 16)",
-        exact=False)
-    rope_per_stream: bool = optimization(
-        "double blocks rotate each stream's q/k before joining text and image",
-        "each stream's norm + RoPE kernel writes straight into the joint q/k: -30 ms bf16, -20 ms fp8 (run 15)")
-    attention: str = optimization(
-        "the attention kernel named per GPU architecture (`--attention`; auto: cuDNN on Hopper)",
-        "on an H200 at FLUX's shape cuDNN runs at ~565 TFLOP/s, the flash kernel SDPA picks at ~300",
-        default="auto")
+        "RoPE pairs channel j with j + 64, not 2j with 2j+1; q/k weights permuted to match (`permute_rope_pairs`)",
+        "the norm + RoPE kernel reads two contiguous halves, not neighbours: 186 -> 122 us (run 16)", False)
+    rope_per_stream: bool = optimization("double blocks rotate each stream's q/k before joining text and image",
+                                         "norm + RoPE write straight into the joint q/k: -30 ms bf16 (run 15)")
+    attention: str = optimization("the attention kernel, per GPU architecture (auto: cuDNN on Hopper)",
+                                  "on an H200 cuDNN runs at ~565 TFLOP/s, the flash kernel SDPA picks at ~300",
+                                  default="auto")
     sigmoid_gelu: bool = optimization(
-        "GELU's tanh approximation computed as x * sigmoid(2u) (`gelu_tanh`)",
-        "fp8's GELU + amax + cast kernel was bound by libdevice's tanh: 341 -> 232 us (run 16); neutral in bf16",
-        exact=False)
-    euler_in_graph: bool = optimization(
-        "the Euler update inside the graphed step (`euler_step`)", "no separate kernels or host work per step")
-    compile: bool = optimization(
-        "torch.compile (fullgraph) of the transformer and the VAE decoder (`compile_at_load`)",
-        "fuses norms, modulation, RoPE, GELU and residuals into few kernels", exact=False)
+        "GELU's tanh approximation as x * sigmoid(2u) (`gelu_tanh`)",
+        "fp8's GELU + amax + cast kernel was bound by tanh: 341 -> 232 us (run 16); neutral in bf16", False)
+    euler_in_graph: bool = optimization("the Euler update inside the graphed step (`euler_step`)",
+                                        "no separate kernels or host work per step")
+    compile: bool = optimization("torch.compile of the transformer and the VAE decoder (`optimize`)",
+                                 "fuses norms, modulation, RoPE, GELU and residuals into few kernels", False)
     regional_compile: bool = optimization(
-        "compile per block (`compile_blocks`): the 19 double blocks share one graph, the 38 single blocks another; "
-        "off: the whole step as one graph", "50 s warm-up instead of 178 s, for 1.8% (run 8)")
-    fp8_unsplit_reductions: bool = optimization(
-        "with --quantize fp8: compiled without split reductions (`compile_options`)",
-        "each per-token amax fuses with its cast: 2.770 -> 2.687 s (run 13)")
-    cuda_graphs: bool = optimization(
-        "the step captured once per shape as a CUDA graph and replayed (`CUDAGraphStep`)",
-        "no per-kernel launch cost, no CPU in the loop")
-    channels_last_vae: bool = optimization(
-        "VAE decoder in channels_last", "its convolutions run faster in NHWC", exact=False)
-    uint8_on_gpu: bool = optimization(
-        "decoded pixels rounded to uint8 on the GPU", "a quarter of the bytes to copy back, no float pass in numpy")
+        "compile per block (`compile_blocks`): one graph for the 19 double blocks, one for the 38 single ones",
+        "50 s warm-up instead of 178 s for the whole step as one graph, 1.8% slower (run 8)")
+    fp8_unsplit_reductions: bool = optimization("with --quantize fp8: no split reductions (`compile_options`)",
+                                                "each per-token amax fuses with its cast: -83 ms (run 13)")
+    cuda_graphs: bool = optimization("the step captured once per shape as a CUDA graph (`CUDAGraphStep`)",
+                                     "no per-kernel launch cost, no CPU in the loop")
+    channels_last_vae: bool = optimization("VAE decoder in channels_last", "its convolutions run faster in NHWC",
+                                           False)
+    uint8_on_gpu: bool = optimization("decoded pixels rounded to uint8 on the GPU",
+                                      "a quarter of the bytes to copy back, no float pass on the CPU")
     # Opt-in: slow to compile, or changes the numbers (fp8.py; --compare-bf16 measures how much).
     inductor_tuning: bool = False
     quantize: str = "none"  # "fp8": the blocks' linear layers in float8 e4m3
@@ -230,8 +221,7 @@ ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "sdpa", "fa2", "fa3")
 # --attention auto: the kernels to try, fastest first, per GPU architecture (major compute capability). Hopper, on
 # the lent H200 at FLUX's shape: cuDNN 535-607 TFLOP/s, FlashAttention-4 444, SDPA's flash kernel (FlashAttention-2)
 # 301 (BENCHMARKS.md). Other architectures keep FlashAttention-2 first, unmeasured here.
-AUTO_ATTENTION = {9: ("cudnn", "fa3", "fa2", "sdpa")}
-AUTO_ATTENTION_OTHER = ("fa2", "cudnn", "sdpa")
+AUTO_ATTENTION = {9: ("cudnn", "fa3", "fa2", "sdpa"), "other": ("fa2", "cudnn", "sdpa")}
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
@@ -262,7 +252,7 @@ def resolve_attention(backend: str, device: torch.device) -> str:
             raise UserError(f"--attention {backend} needs CUDA")
         return "sdpa"
     major = torch.cuda.get_device_capability(device)[0]
-    for name in AUTO_ATTENTION.get(major, AUTO_ATTENTION_OTHER) if backend == "auto" else [backend]:
+    for name in AUTO_ATTENTION.get(major, AUTO_ATTENTION["other"]) if backend == "auto" else [backend]:
         if name in ("fa2", "fa3"):  # FlashAttention-3's Hopper package, or FlashAttention-2's
             try:
                 FLASH_ATTN_FUNCS[name] = importlib.import_module(
@@ -401,9 +391,7 @@ class QKNorm(nn.Module):
         return rms_norm(x, self.weight)
 
 
-def gelu_reference(x: torch.Tensor) -> torch.Tensor:
-    """The reference's GELU (--no-sigmoid-gelu)."""
-    return F.gelu(x, approximate="tanh")
+gelu_reference = functools.partial(F.gelu, approximate="tanh")  # --no-sigmoid-gelu
 
 
 class FeedForward(nn.Module):
@@ -863,8 +851,8 @@ def load_pipeline(model: str, device, dtype, opts: Options, random_weights: bool
 
 
 def optimize(transformer: Flux, vae: nn.Module, opts: Options) -> Flux | None:
-    """What is applied to the loaded models, in this order (the weight transforms before it are in prepare_state,
-    the rest of Options in the code paths it names). Returns the bf16 model for --compare-bf16, else None."""
+    """What is applied to the loaded models, in order (weight transforms: prepare_state; the rest of Options: the
+    code paths it names). Returns the bf16 model for --compare-bf16, else None."""
     bf16 = None
     if opts.quantize == "fp8":  # opt-in, lossy: the blocks' matmuls at twice bf16's rate (fp8.py)
         import fp8
@@ -874,39 +862,11 @@ def optimize(transformer: Flux, vae: nn.Module, opts: Options) -> Flux | None:
     if opts.channels_last_vae:  # the decoder's convolutions run faster in NHWC
         vae.to(memory_format=torch.channels_last)
     if opts.compile:  # fuses the elementwise work around the matmuls into few kernels
-        compile_at_load(transformer, vae, opts)
+        torch._inductor.config.conv_1x1_as_mm = True  # the VAE's 1x1 convolutions as matmuls
+        vae.decode = torch.compile(vae.decode, fullgraph=True)
+        if opts.regional_compile:  # else the whole step is compiled per shape, in step_function
+            compile_blocks(transformer, compile_options(opts))
     return bf16
-
-
-def default_compile_cache() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "flux-fast-pytorch")
-
-
-def use_compile_cache(directory: str | None) -> None:
-    """Keep inductor's and AOTAutograd's caches on disk, so a second process skips most of the compile work.
-
-    An explicit $TORCHINDUCTOR_CACHE_DIR wins over the default (benchmark.py gives each row an empty one).
-    """
-    if directory is None:
-        directory = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_compile_cache()
-    if directory == "none":
-        return
-    try:
-        os.makedirs(directory, exist_ok=True)
-        if not os.access(directory, os.W_OK):
-            raise PermissionError(f"{directory} is not writable")
-    except OSError as e:
-        print(f"warning: no compile cache ({e}); every process compiles from scratch", file=sys.stderr)
-        torch._inductor.config.fx_graph_cache = False
-        return
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
-    torch._inductor.config.fx_graph_cache = True
-    torch._functorch.config.enable_autograd_cache = True
-
-
-def configure_inductor() -> None:
-    """Inductor settings for every compiled graph, each kept only where it measured faster or costs no compile time."""
-    torch._inductor.config.conv_1x1_as_mm = True  # the VAE's 1x1 convolutions as matmuls
 
 
 def compile_options(opts: Options) -> dict:
@@ -924,15 +884,6 @@ def compile_options(opts: Options) -> dict:
         if torch.cuda.get_device_capability()[0] >= 9:
             options["triton.enable_persistent_tma_matmul"] = True
     return options
-
-
-def compile_at_load(transformer: Flux, vae: nn.Module, opts: Options) -> None:
-    """What torch.compile wraps before the first request: the VAE decoder and, by default, the blocks.
-    (With --no-regional-compile the whole step is compiled per shape instead, in step_function.)"""
-    configure_inductor()
-    vae.decode = torch.compile(vae.decode, fullgraph=True)
-    if opts.regional_compile:
-        compile_blocks(transformer, compile_options(opts))
 
 
 def compile_blocks(model: Flux, options: dict | None = None) -> None:
@@ -1037,11 +988,9 @@ def euler_step(model: Flux, x: torch.Tensor, dt: torch.Tensor, cond: dict) -> to
 
 
 class CUDAGraphStep:
-    """A step function captured once as a CUDA graph and replayed: one launch instead of ~1500 per step.
-
-    Replays read fixed ("static") input buffers and write a fixed output buffer, so each call copies its inputs in;
-    the output is overwritten by the next call.
-    """
+    """A step function captured once as a CUDA graph and replayed: one launch instead of ~1500 per step. Replays
+    read fixed input buffers and write a fixed output buffer: each call copies its inputs in, and the output is
+    overwritten by the next call."""
 
     def __init__(self, fn, *args):
         flat, self.spec = tree_flatten(args)
@@ -1090,8 +1039,7 @@ def step_function(pipe: Pipeline, x: torch.Tensor, dt: torch.Tensor, cond: dict)
             sync(pipe.device)
             pipe.build_s += time.perf_counter() - t0
             print(f"step for latents {tuple(x.shape)}, text {tuple(cond['txt'].shape)}: "
-                  f"{'compiled and ' if opts.compile else ''}captured as a CUDA graph in "
-                  f"{time.perf_counter() - t0:.1f}s")
+                  f"{'compiled and ' * opts.compile}captured as a CUDA graph in {time.perf_counter() - t0:.1f}s")
     return pipe.steps[key]
 
 
@@ -1145,9 +1093,7 @@ def decode(pipe: Pipeline, latents: torch.Tensor) -> np.ndarray:
     latents = latents / vae.config.scaling_factor + vae.config.shift_factor
     layout = torch.channels_last if opts.channels_last_vae else torch.contiguous_format
     image = vae.decode(latents.to(vae.dtype, memory_format=layout), return_dict=False)[0]
-    image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
-    if not opts.uint8_on_gpu:
-        image = image.cpu()
+    image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().to(None if opts.uint8_on_gpu else "cpu")
     pipe.seen["uint8_on"] = image.device.type
     return (image * 255).round().to(torch.uint8).cpu().numpy()
 
@@ -1287,19 +1233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timings-json", default=None, help="write per-run timings and medians here")
     p.add_argument("--profile", default=None, metavar="JSON", help="profile one extra run; kernel breakdown here")
     m = p.add_argument_group("many prompts, many shapes (prompts_file.py)")
-    m.add_argument("--prompts-file", default=None,
-                   help="one prompt per line, or JSON lines with prompt and any of prompt_2, seed, height, width, "
-                        "steps, guidance (defaults: the flags; seed: --seed + index); batched by --batch-size")
+    m.add_argument("--prompts-file", default=None, help="a prompt per line, or JSON lines (see prompts_file.py)")
     m.add_argument("--output-dir", default="outputs", help="with --prompts-file: images as <index>-<seed>.png")
     m.add_argument("--strict", action="store_true", help="a bad line in --prompts-file stops the run before any image")
-    m.add_argument("--max-graphs", type=int, default=8,
-                   help="compiled/captured shapes kept; the least recently used is evicted and its memory freed")
-    m.add_argument("--compile-cache", default=None,
-                   help="directory for inductor's and AOTAutograd's caches, so a second process compiles much less "
-                        f"(default: $TORCHINDUCTOR_CACHE_DIR if set, else {default_compile_cache()}; 'none': off)")
+    m.add_argument("--max-graphs", type=int, default=8, help="captured shapes kept, least recently used evicted")
+    m.add_argument("--compile-cache", default=None, help="compile cache directory (default: torch's, in /tmp)")
     m.add_argument("--offload-text-encoders", action="store_true",
-                   help="keep CLIP/T5 in CPU memory, each layer copied to the GPU for its own forward only: "
-                        "lower peak GPU memory, slower encoding (for smaller GPUs)")
+                   help="CLIP/T5 in CPU memory, streamed to the GPU layer by layer: less GPU memory, slower")
     o = p.add_argument_group("optimizations (each on by default; --no-... turns one off)")
     for f in OPTIMIZATIONS:  # one definition each, in Options
         text = f"{f.metadata['what']}. Why: {f.metadata['why']}".replace("%", "%%")
@@ -1312,28 +1252,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="opt-in: coordinate-descent and GEMM autotuning in inductor (minutes more compile)")
     q = p.add_argument_group("fp8 (fp8.py; opt-in: faster, and the image changes a little)")
     q.add_argument("--quantize", default="none", choices=["none", "fp8"],
-                   help="fp8: the blocks' linear layers in float8 e4m3, per-output-channel weight and per-token "
-                        "activation scales; attention, norms, modulation, embedders and final projection stay bf16")
+                   help="fp8: the blocks' linear layers in float8 e4m3 (per-channel weight, per-token input scales)")
     q.add_argument("--fp8-keep-bf16", type=int, default=0, metavar="N",
                    help="with --quantize fp8: the first N and the last N of the 57 blocks stay bf16")
     q.add_argument("--compare-bf16", action="store_true",
-                   help="with --quantize fp8: also keep the bf16 model (+8.6 GB) and print fp8's velocity error at "
-                        "the first and last steps and its image's PSNR/SSIM against bf16's (same seed, eager)")
+                   help="with --quantize fp8: keep the bf16 model too (+8.6 GB); report fp8's error against it")
     return p
-
-
-# Flags that only one of the two modes reads: given to the other, they are refused rather than silently ignored.
-ONE_PROMPT_FLAGS = ("prompt", "output", "warmup", "runs", "timings_json", "profile", "compare_bf16")
-PROMPTS_FILE_FLAGS = ("output_dir", "strict")
 
 
 def check_args(args, defaults: argparse.Namespace) -> None:
     """Everything that can be checked before loading gigabytes of weights."""
-    unread = [f"--{name.replace('_', '-')}" for name in (ONE_PROMPT_FLAGS if args.prompts_file else PROMPTS_FILE_FLAGS)
-              if getattr(args, name) != getattr(defaults, name)]
-    if unread:
-        mode = "--prompts-file" if args.prompts_file else "a single --prompt (they need --prompts-file)"
-        raise UserError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used with {mode}")
+    from_file = ("output_dir", "strict") if args.prompts_file is None else ()  # read only with --prompts-file
+    if unread := [f"--{n.replace('_', '-')}" for n in from_file if getattr(args, n) != getattr(defaults, n)]:
+        raise UserError(f"{', '.join(unread)} need --prompts-file")
+    if args.prompts_file:
+        from prompts_file import check_prompts_file_args
+
+        check_prompts_file_args(args, defaults)
     if args.prompts_file is None and not (args.prompt or "").strip():
         raise UserError("--prompt is empty (give --prompt or --prompts-file)")
     if args.max_graphs < 1:
@@ -1352,14 +1287,10 @@ def check_args(args, defaults: argparse.Namespace) -> None:
         raise UserError("--warmup must be >= 0 and --runs >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} but CUDA is not available")
-    if args.compare_bf16 and args.quantize != "fp8":
-        raise UserError("--compare-bf16 measures fp8's error: it needs --quantize fp8")
-    if args.fp8_keep_bf16 and args.quantize != "fp8":
-        raise UserError("--fp8-keep-bf16 needs --quantize fp8")
-    if args.fp8_keep_bf16 < 0:
-        raise UserError(f"--fp8-keep-bf16 must be >= 0, got {args.fp8_keep_bf16}")
-    if args.quantize == "fp8" and args.dtype != "bfloat16":
-        raise UserError(f"--quantize fp8 runs around its float8 matmuls in bfloat16, not --dtype {args.dtype}")
+    if (args.quantize, args.fp8_keep_bf16, args.compare_bf16) != ("none", 0, False):
+        from fp8 import check_fp8_args
+
+        check_fp8_args(args)
     for path in (args.output, args.timings_json, args.profile):
         if path is not None:
             if os.path.isdir(path):
@@ -1403,10 +1334,12 @@ def main(argv=None) -> int:
         dtype = getattr(torch, args.dtype)
         opts = effective_options(Options(**{f.name: getattr(args, f.name) for f in fields(Options)}),
                                  torch.device(args.device))
-        if opts.compile:
-            use_compile_cache(args.compile_cache)
-            # One compiled graph per shape and kind of block (double/single, bf16/fp8 with --fp8-keep-bf16).
+        if opts.compile:  # one compiled graph per shape and kind of block (double/single, bf16/fp8)
             torch._dynamo.config.recompile_limit = max(8, 4 * args.max_graphs)
+        if opts.compile and args.compile_cache is not None:
+            from prompts_file import use_compile_cache
+
+            use_compile_cache(args.compile_cache)
         pipe = load_pipeline(args.model, args.device, dtype, opts, args.random_weights, args.text_encoders_from,
                              args.offload_text_encoders)
         pipe.max_steps = args.max_graphs

@@ -1,5 +1,6 @@
-"""--prompts-file for optimized_inference.py: many prompts, sizes and seeds in one process, batched; and
---offload-text-encoders, for GPUs too small to hold the text encoders next to the transformer.
+"""--prompts-file for optimized_inference.py: many prompts, sizes and seeds in one process, batched; a compile cache
+that outlives the machine's /tmp (--compile-cache); and --offload-text-encoders, for GPUs too small to hold the text
+encoders next to the transformer.
 
     python optimized_inference.py --prompts-file prompts.jsonl --batch-size 4 --output-dir outputs
 
@@ -123,6 +124,16 @@ def generate_many(pipe: Pipeline, jobs: list[Job], batch_size: int, max_sequence
           f"{per_hour:.0f} images/hour after warm-up; written to {output_dir}")
 
 
+# What a single --prompt run reads and a prompts file does not: given with --prompts-file, refused, not ignored.
+ONE_PROMPT_FLAGS = ("prompt", "output", "warmup", "runs", "timings_json", "profile", "compare_bf16")
+
+
+def check_prompts_file_args(args, defaults) -> None:
+    if unread := [f"--{name.replace('_', '-')}" for name in ONE_PROMPT_FLAGS
+                  if getattr(args, name) != getattr(defaults, name)]:
+        raise UserError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used with --prompts-file")
+
+
 def run_prompts_file(pipe: Pipeline, args) -> None:
     """--prompts-file: the flags give each line's defaults."""
     cfg = pipe.cfg
@@ -144,3 +155,21 @@ def offload_layerwise(encoder: nn.Module, device) -> None:
 
     cpu_offload(encoder, execution_device=torch.device(device))
 
+
+def use_compile_cache(directory: str) -> None:
+    """--compile-cache: inductor's and AOTAutograd's caches in `directory` (torch keeps them in /tmp by default), so
+    that a process after a reboot still skips most of the compile work; 'none' switches them off."""
+    if directory == "none":
+        torch._inductor.config.fx_graph_cache = False
+        torch._functorch.config.enable_autograd_cache = False
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if not os.access(directory, os.W_OK):
+            raise PermissionError(f"{directory} is not writable")
+    except OSError as e:
+        print(f"warning: no compile cache in {directory} ({e}); using torch's default", file=sys.stderr)
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True

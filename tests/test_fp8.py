@@ -363,7 +363,6 @@ def test_full_size_fp8_step_cuda(record_property):
     t, g = torch.full((1,), 0.5, device="cuda"), torch.full((1,), 3.5, device="cuda")
     cond = quantized.condition(txt, torch.zeros(512, 3, device="cuda"), oi.image_ids(128, 128, "cuda"), t, g, pooled)
     v16, v8 = bf16(x, **cond), quantized(x, **cond)
-    oi.configure_inductor()
     oi.compile_blocks(quantized, oi.compile_options(opts))  # as load_pipeline does (regional compilation)
     one = torch.ones((), device="cuda")  # with dt = 1 the Euler step returns x + v
     step = oi.step_function(pipe, x, one, cond)

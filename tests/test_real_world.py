@@ -189,10 +189,10 @@ def test_unwritable_compile_cache_falls_back_with_a_warning(tmp_path, capsys, mo
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))
-    opt.use_compile_cache(str(blocker / "cache"))
+    prompts_file.use_compile_cache(str(blocker / "cache"))
     assert "warning: no compile cache" in capsys.readouterr().err
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "before")
-    opt.use_compile_cache(str(tmp_path / "cache"))
+    prompts_file.use_compile_cache(str(tmp_path / "cache"))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
 
 
