@@ -218,9 +218,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, halves: bo
 
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "sdpa", "fa2", "fa3")
-# --attention auto: the kernels to try, fastest first, per GPU architecture (major compute capability). Hopper, on
-# the lent H200 at FLUX's shape: cuDNN 535-607 TFLOP/s, FlashAttention-4 444, SDPA's flash kernel (FlashAttention-2)
-# 301 (BENCHMARKS.md). Other architectures keep FlashAttention-2 first, unmeasured here.
+# --attention auto, fastest first per GPU architecture. Hopper, on an H200 at FLUX's shape: cuDNN 535-607 TFLOP/s,
+# FlashAttention-4 444, FlashAttention-2 (SDPA's flash) 301 (BENCHMARKS.md); other GPUs: not measured here.
 AUTO_ATTENTION = {9: ("cudnn", "fa3", "fa2", "sdpa"), "other": ("fa2", "cudnn", "sdpa")}
 
 
@@ -1389,6 +1388,8 @@ def main(argv=None) -> int:
     except UserError as e:
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:  # same on every rank: once
             print(f"error: {e}", file=sys.stderr)
+        else:  # torchrun stops every rank once one fails: leave rank 0 the time to say why
+            time.sleep(2)
         return 2
     return 0
 
