@@ -191,8 +191,8 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10_0
 def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int, dtype=torch.float32, halves: bool = False):
     """Rotary tables for positions `ids` [S, n_axes]; each axis rotates its own slice of the head dimension.
 
-    Angles are computed in float64: at 4608 positions float32 angles already lose the low bits that decide cos/sin.
-    Stored in `dtype` (Options.bf16_rope); pair j's angle at channels 2j and 2j+1, or with `halves` at j and j + D/2.
+    Angles in float64 as diffusers computes them, for identical tables (positions are at most a few hundred: float32
+    would be off by ~1e-5). Stored in `dtype`; pair j's angle at channels 2j and 2j+1, or with `halves` j and j + D/2.
     """
     freqs = [1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim) for dim in axes_dim]
     angles = torch.cat([torch.outer(ids[:, i].double(), f) for i, f in enumerate(freqs)], dim=-1)  # [S, D/2]

@@ -125,7 +125,8 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10_0
 def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary tables for positions `ids` [S, n_axes]; each axis rotates its own slice of the head dimension.
 
-    Angles are computed in float64: at 4608 positions float32 angles already lose the low bits that decide cos/sin.
+    Angles are computed in float64 as diffusers computes them, for tables identical to its own (the positions are at
+    most a few hundred: float32 would be off by about 1e-5).
     """
     cos, sin = [], []
     for i, dim in enumerate(axes_dim):

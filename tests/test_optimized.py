@@ -6,6 +6,8 @@ On CPU torch.compile and CUDA graphs are switched off (with a notice); everythin
 import dataclasses
 import os
 import re
+import shutil
+import subprocess
 import sys
 import types
 
@@ -370,6 +372,17 @@ def test_decode_matches_reference(channels_last, tiny_pipeline_dir):
     assert rel_err(opt_out, ref_out) < 1e-5
     assert actual.shape == expected.shape == (2, 40, 56, 3) and actual.dtype == np.uint8
     assert max_pixel_diff(actual, expected) <= 1 and expected.std() > 10
+
+
+def test_default_path_needs_only_the_script(tiny_pipeline_dir, tmp_path):
+    """bf16, one device, a diffusers directory: optimized_inference.py alone, without its sibling modules, runs."""
+    shutil.copy(os.path.join(REPO_ROOT, "optimized_inference.py"), tmp_path)
+    out = tmp_path / "out.png"
+    proc = subprocess.run([sys.executable, "optimized_inference.py", *cli_args(tiny_pipeline_dir, str(out))],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert read_png(out).std() > 10 and sorted(os.listdir(tmp_path)) == ["optimized_inference.py", "out.png"]
 
 
 def test_nan_latents_are_an_error(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
