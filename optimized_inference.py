@@ -168,6 +168,8 @@ class Options:
     quantize: str = "none"  # "fp8": the blocks' linear layers in float8 e4m3
     fp8_keep_bf16: int = 0  # this many blocks at each end of the 57 stay bf16
     compare_bf16: bool = False  # keep the bf16 model too and report fp8's error against it
+    lora: tuple = ()  # ((file, scale), ...) fused into the weights (lora.py)
+    lora_swaps: tuple = ()  # LoRA files that --prompts-file lines switch to: their layers' base weights are kept
 
 
 OPTIMIZATIONS = [f for f in fields(Options) if "why" in f.metadata]
@@ -853,6 +855,12 @@ def optimize(transformer: Flux, vae: nn.Module, opts: Options) -> Flux | None:
     """What is applied to the loaded models, in order (weight transforms: prepare_state; the rest of Options: the
     code paths it names). Returns the bf16 model for --compare-bf16, else None."""
     bf16 = None
+    if opts.lora or opts.lora_swaps:  # LoRA deltas into the weights, before fp8 quantizes them (lora.py)
+        from lora import LoraWeights
+
+        transformer.loras = LoraWeights(transformer, {f for f, _ in opts.lora} | set(opts.lora_swaps) if
+                                        opts.lora_swaps else set())
+        transformer.loras.apply(opts.lora)
     if opts.quantize == "fp8":  # opt-in, lossy: the blocks' matmuls at twice bf16's rate (fp8.py)
         import fp8
 
@@ -934,7 +942,7 @@ def describe(pipe: Pipeline) -> str:
         "compile": compiled, "vae compiled": hasattr(pipe.vae.decode, "_torchdynamo_orig_callable"),
         "cuda graphs": sum(isinstance(s, CUDAGraphStep) for s in pipe.steps.values()),
         "channels-last vae": next(pipe.vae.parameters()).is_contiguous(memory_format=torch.channels_last),
-        "uint8 on": seen.get("uint8_on"),
+        "uint8 on": seen.get("uint8_on"), "lora layers": len(model.loras.touched) if hasattr(model, "loras") else 0,
         "fp8 linear layers": 0 if fp8 is None else count(lambda m: isinstance(m, fp8.Float8Linear))}.items())
 
 
@@ -1249,6 +1257,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"turn off: {text}")
     o.add_argument("--inductor-tuning", action="store_true",
                    help="opt-in: coordinate-descent and GEMM autotuning in inductor (minutes more compile)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE",
+                   help="a LoRA fused into the weights (a .safetensors file or owner/repo:weight_name; repeatable)")
+    p.add_argument("--lora-scale", action="append", type=float, default=[], help="one per --lora (default: 1.0)")
     q = p.add_argument_group("fp8 (fp8.py; opt-in: faster, and the image changes a little)")
     q.add_argument("--quantize", default="none", choices=["none", "fp8"],
                    help="fp8: the blocks' linear layers in float8 e4m3 (per-channel weight, per-token input scales)")
@@ -1270,6 +1281,8 @@ def check_args(args, defaults: argparse.Namespace) -> None:
         check_prompts_file_args(args, defaults)
     if args.prompts_file is None and not (args.prompt or "").strip():
         raise UserError("--prompt is empty (give --prompt or --prompts-file)")
+    if len(args.lora_scale) > len(args.lora):
+        raise UserError(f"{len(args.lora_scale)} --lora-scale for {len(args.lora)} --lora: one scale per LoRA at most")
     if args.max_graphs < 1:
         raise UserError(f"--max-graphs must be >= 1, got {args.max_graphs}")
     if args.steps is not None and args.steps <= 0:
@@ -1331,8 +1344,13 @@ def main(argv=None) -> int:
 
             args.device, group = context_parallel.init_distributed(args.device)
         dtype = getattr(torch, args.dtype)
-        opts = effective_options(Options(**{f.name: getattr(args, f.name) for f in fields(Options)}),
-                                 torch.device(args.device))
+        lora, swaps = tuple(zip(args.lora, args.lora_scale + [1.0] * (len(args.lora) - len(args.lora_scale)))), ()
+        if args.prompts_file:  # the LoRA files its lines switch to
+            from prompts_file import lora_files
+
+            swaps = lora_files(args.prompts_file)
+        opts = effective_options(Options(**{f.name: getattr(args, f.name) for f in fields(Options) if "lora" not in
+                                            f.name}, lora=lora, lora_swaps=swaps), torch.device(args.device))
         if opts.compile:  # one compiled graph per shape and kind of block (double/single, bf16/fp8)
             torch._dynamo.config.recompile_limit = max(8, 4 * args.max_graphs)
         if opts.compile and args.compile_cache is not None:
@@ -1379,7 +1397,7 @@ def main(argv=None) -> int:
             save_png(image, path, {
                 "prompt": args.prompt, "prompt_2": args.prompt_2 or args.prompt, "seed": req.seeds[i],
                 "steps": req.steps, "guidance": req.guidance, "size": f"{req.width}x{req.height}",
-                "model": pipe.model_name, "random_weights": args.random_weights,
+                "model": pipe.model_name, "random_weights": args.random_weights, "lora": list(opts.lora),
             })
             print(f"saved {path}")
         if args.timings_json:

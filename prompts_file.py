@@ -34,6 +34,7 @@ class Job:
     width: int
     steps: int
     guidance: float
+    lora: tuple = ()  # ((file, scale), ...): "lora": [[file, scale], ...] on the line, else the --lora flags
 
 
 MAX_SIDE = 2048
@@ -59,13 +60,17 @@ def parse_job(line: str, index: int, defaults: dict, multiple: int) -> Job:
             raise ValueError(f"{key} must be an integer, got {job[key]!r}")
     if not isinstance(job["guidance"], int | float) or job["guidance"] < 0:
         raise ValueError(f"guidance must be a number >= 0, got {job['guidance']!r}")
+    if not (isinstance(job["lora"], list | tuple) and all(
+            isinstance(pair, list | tuple) and len(pair) == 2 and isinstance(pair[0], str)
+            and isinstance(pair[1], int | float) for pair in job["lora"])):
+        raise ValueError(f"lora must be a list of [file, scale] pairs, got {job['lora']!r}")
     if job["steps"] <= 0:
         raise ValueError(f"steps must be positive, got {job['steps']}")
     for key in ("height", "width"):
         if not 0 < job[key] <= MAX_SIDE or job[key] % multiple:
             raise ValueError(f"{key} must be a multiple of {multiple} up to {MAX_SIDE}, got {job[key]}")
-    return Job(index=index, prompt_2=job.get("prompt_2") or job["prompt"], **{k: job[k] for k in (
-        "prompt", "seed", "height", "width", "steps", "guidance")})
+    return Job(index=index, prompt_2=job.get("prompt_2") or job["prompt"], lora=tuple(map(tuple, job["lora"])),
+               **{k: job[k] for k in ("prompt", "seed", "height", "width", "steps", "guidance")})
 
 
 def read_prompts_file(path: str, defaults: dict, multiple: int, strict: bool) -> list[Job]:
@@ -96,7 +101,7 @@ def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
     out = []
     for job in jobs:
         same = out and len(out[-1]) < batch_size and all(
-            getattr(out[-1][0], k) == getattr(job, k) for k in ("height", "width", "steps", "guidance"))
+            getattr(out[-1][0], k) == getattr(job, k) for k in ("height", "width", "steps", "guidance", "lora"))
         out[-1].append(job) if same else out.append([job])
     return out
 
@@ -108,6 +113,8 @@ def generate_many(pipe: Pipeline, jobs: list[Job], batch_size: int, max_sequence
     t0, build0, done = time.perf_counter(), pipe.build_s, 0
     for batch in tqdm(batches(jobs, batch_size), desc="prompts", unit="batch"):
         first = batch[0]
+        if hasattr(pipe.transformer, "loras"):  # the batch's LoRAs, in place of the last batch's
+            pipe.transformer.loras.apply(first.lora)
         req = Request([j.prompt for j in batch], [j.prompt_2 for j in batch], first.height, first.width, first.steps,
                       first.guidance, [j.seed for j in batch], max_sequence_length)
         images = generate(pipe, req, Timer(pipe.device))
@@ -116,7 +123,7 @@ def generate_many(pipe: Pipeline, jobs: list[Job], batch_size: int, max_sequence
         for job, image in zip(batch, images, strict=True):
             save_png(image, os.path.join(output_dir, f"{job.index:04d}-{job.seed}.png"), {
                 **metadata, "prompt": job.prompt, "prompt_2": job.prompt_2, "seed": job.seed, "steps": job.steps,
-                "guidance": job.guidance, "size": f"{job.width}x{job.height}"})
+                "guidance": job.guidance, "size": f"{job.width}x{job.height}", "lora": [list(p) for p in job.lora]})
             done += 1
     total, building = time.perf_counter() - t0, pipe.build_s - build0
     per_hour = 3600 * done / max(total - building, 1e-9)
@@ -134,10 +141,27 @@ def check_prompts_file_args(args, defaults) -> None:
         raise UserError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used with --prompts-file")
 
 
+def lora_files(path: str) -> tuple[str, ...]:
+    """The LoRA files that the file's lines name, read before the model is loaded (lora.LoraWeights keeps the base
+    values of the weights they touch); a malformed line is reported later, by read_prompts_file."""
+    files = set()
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    fields_ = json.loads(line) if line.lstrip().startswith("{") else {}
+                    files |= {pair[0] for pair in fields_.get("lora", ()) if isinstance(pair[0], str)}
+                except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                    continue
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+    return tuple(sorted(files))
+
+
 def run_prompts_file(pipe: Pipeline, args) -> None:
     """--prompts-file: the flags give each line's defaults."""
     cfg = pipe.cfg
-    defaults = dict(prompt_2=args.prompt_2, seed=args.seed, height=args.height, width=args.width,
+    defaults = dict(prompt_2=args.prompt_2, seed=args.seed, height=args.height, width=args.width, lora=pipe.opts.lora,
                     steps=args.steps or cfg.default_steps,
                     guidance=cfg.default_guidance if args.guidance is None else args.guidance)
     jobs = read_prompts_file(args.prompts_file, defaults, 2 * pipe.vae_scale_factor, args.strict)
