@@ -63,10 +63,10 @@ def reference_shapes(cfg: FluxConfig) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def lora_deltas(spec: str, scale: float, cfg: FluxConfig) -> dict[str, torch.Tensor]:
-    """{diffusers weight or bias key: scale * (alpha / rank) * B A, in float32} for one LoRA file."""
+def lora_factors(spec: str, shapes: dict[str, torch.Size]) -> dict[str, tuple]:
+    """{diffusers layer name: (B, A, alpha / rank, B's bias or None)} of one LoRA file, checked against the model's
+    weight `shapes` (reference_shapes). The deltas (B A, as large as the weights) are made one block at a time."""
     state, alphas, metadata = read_lora(spec)
-    shapes = reference_shapes(cfg)
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in state if ".lora_" in k})
     other = sorted(k for k in state if ".lora_" not in k)
     unknown = [m for m in modules if not m.startswith("transformer.") or f"{m[12:]}.weight" not in shapes]
@@ -75,31 +75,34 @@ def lora_deltas(spec: str, scale: float, cfg: FluxConfig) -> dict[str, torch.Ten
         raise UserError(f"--lora {spec!r}: {len(unknown + other)} of its keys match no layer of this FLUX "
                         f"transformer (a LoRA for another model, or for the text encoders?), e.g. {', '.join(some)}"
                         if some else f"--lora {spec!r}: no LoRA weights in it")
-    deltas = {}
+    factors = {}
     for module in modules:
-        a, b, name = state[f"{module}.lora_A.weight"].float(), state[f"{module}.lora_B.weight"].float(), module[12:]
+        a, b, name = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"], module[12:]
         if a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(shapes[f"{name}.weight"]):
             raise UserError(f"--lora {spec!r}: {module} has shapes B {tuple(b.shape)} A {tuple(a.shape)}, the layer "
                             f"{tuple(shapes[f'{name}.weight'])}: a LoRA for another model size")
-        factor = scale * lora_scaling(module, a.shape[0], alphas, metadata)
-        deltas[f"{name}.weight"] = factor * (b @ a)
-        if f"{module}.lora_B.bias" in state:
-            deltas[f"{name}.bias"] = factor * state[f"{module}.lora_B.bias"].float()
-    return deltas
+        factors[name] = (b, a, lora_scaling(module, a.shape[0], alphas, metadata),
+                         state.get(f"{module}.lora_B.bias"))
+    return factors
 
 
-def to_model_space(deltas: dict[str, torch.Tensor], cfg: FluxConfig, opts: Options) -> dict[str, torch.Tensor]:
+def block_of(name: str) -> str:
+    """The block a layer belongs to ("" for the layers outside the blocks): the unit prepare_state fuses within."""
+    match = re.match(r"(?:single_)?transformer_blocks\.\d+\.", name)
+    return match[0] if match else ""
+
+
+def to_model_space(deltas: dict[str, torch.Tensor], shapes: dict[str, torch.Size], cfg: FluxConfig,
+                   opts: Options) -> dict[str, torch.Tensor]:
     """The deltas in the loaded model's layout: prepare_state permutes and fuses them like the weights, with zeros
     for the layers of a fused group that the LoRA leaves alone."""
-    shapes = reference_shapes(cfg)
     full = dict(deltas)
-    for key in deltas:
-        prefix = re.match(r"(?:single_)?transformer_blocks\.\d+\.", key)
+    for key, delta in deltas.items():
         for part in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
                      "proj_mlp"):
-            sibling = f"{prefix[0]}{part}.{key.rsplit('.', 1)[1]}" if prefix else None
+            sibling = f"{block_of(key)}{part}.{key.rsplit('.', 1)[1]}" if block_of(key) else None
             if sibling in shapes and sibling not in full:
-                full[sibling] = torch.zeros(shapes[sibling], device=deltas[key].device)
+                full[sibling] = torch.zeros(shapes[sibling], device=delta.device, dtype=delta.dtype)
     return prepare_state(full, cfg, opts)
 
 
@@ -109,19 +112,21 @@ class LoraWeights:
 
     def __init__(self, model: Flux, swaps: set[str]):
         self.model, self.active, self.touched = model, (), set()  # touched: what the active LoRAs change
+        self.shapes, self.files = reference_shapes(model.cfg), {}  # files: each LoRA file's factors, read once
         self.base: dict[str, torch.Tensor] = {}
         for spec in sorted(swaps):
-            for key in self.deltas(((spec, 1.0),)):
-                if key not in self.base:
-                    self.base[key] = self.layer(key)[1].detach().to("cpu", copy=True)
+            for name, (b, a, _, bias) in self.factors(spec).items():  # meta tensors: only the names matter
+                kinds = ("weight", "bias") if bias is not None else ("weight",)
+                shapes = {f"{name}.{k}": torch.empty(b.shape[0], *([a.shape[1]] if k == "weight" else []),
+                                                     device="meta") for k in kinds}
+                for key in to_model_space(shapes, self.shapes, model.cfg, model.opts):
+                    if key not in self.base:
+                        self.base[key] = pinned_copy(self.layer(key)[1])
 
-    def deltas(self, loras) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for spec, scale in loras:
-            for key, delta in to_model_space(lora_deltas(spec, scale, self.model.cfg), self.model.cfg,
-                                             self.model.opts).items():
-                out[key] = out[key] + delta if key in out else delta
-        return out
+    def factors(self, spec: str) -> dict[str, tuple]:
+        if spec not in self.files:
+            self.files[spec] = lora_factors(spec, self.shapes)
+        return self.files[spec]
 
     def layer(self, key: str) -> tuple[nn.Module, torch.Tensor]:
         module = self.model.get_submodule(key.rpartition(".")[0])
@@ -130,25 +135,51 @@ class LoraWeights:
     @torch.no_grad()
     def apply(self, loras: tuple[tuple[str, float], ...]) -> None:
         """Fuse `loras` ((file, scale), ...) in place of the current ones: base + the sum of their deltas, rounded
-        once, into the same storage (the CUDA graphs hold its address); fp8 layers are quantized again."""
+        once, into the same storage (the CUDA graphs hold its address); fp8 layers are quantized again. One block
+        at a time, on the weights' device."""
         loras = tuple(loras)
         if loras == self.active:
             return
-        deltas = self.deltas(loras)
-        if self.active and not set(deltas) <= set(self.base):
-            raise RuntimeError("a swapped-in LoRA touches a weight whose base value was not kept")
-        for key in sorted(set(deltas) | set(self.base)):
-            module, tensor = self.layer(key)
-            base = self.base.get(key, tensor)
-            value = base.to(tensor.device, torch.float32)
-            if key in deltas:  # rounded once to the weights' dtype, as a LoRA fused at load time is
-                value = (value + deltas[key].to(tensor.device)).to(base.dtype)
-            if tensor.dtype == torch.float8_e4m3fn:  # fp8.Float8Linear's weight: its per-channel scales change too
-                from fp8 import quantize_fp8
+        factors = [(self.factors(spec), scale) for spec, scale in loras]
+        device = next(self.model.parameters()).device
+        touched = set()
+        for block in sorted({block_of(n) for f, _ in factors for n in f} | {block_of(k) for k in self.base}):
+            deltas: dict[str, torch.Tensor] = {}
+            for f, scale in factors:
+                for name, (b, a, alpha_over_rank, bias) in f.items():
+                    if block_of(name) == block:
+                        factor = scale * alpha_over_rank
+                        parts = {"weight": factor * (b.to(device, torch.float32) @ a.to(device, torch.float32))}
+                        if bias is not None:
+                            parts["bias"] = factor * bias.to(device, torch.float32)
+                        for kind, delta in parts.items():
+                            key = f"{name}.{kind}"
+                            deltas[key] = deltas[key] + delta if key in deltas else delta
+            deltas = to_model_space(deltas, self.shapes, self.model.cfg, self.model.opts)
+            if self.active and not set(deltas) <= set(self.base):
+                raise RuntimeError("a swapped-in LoRA touches a weight whose base value was not kept")
+            for key in sorted(set(deltas) | {k for k in self.base if block_of(k) == block}):
+                self.write(key, deltas.get(key))
+            touched |= set(deltas)
+        self.active, self.touched = loras, touched
 
-                weight, scale = quantize_fp8(value)
-                tensor.copy_(weight)
-                module.scale.copy_(scale.reshape(1, -1))
-            else:
-                tensor.copy_(value)
-        self.active, self.touched = loras, set(deltas)
+    def write(self, key: str, delta: torch.Tensor | None) -> None:
+        module, tensor = self.layer(key)
+        base = self.base.get(key, tensor)
+        value = base.to(tensor.device, non_blocking=True)
+        if delta is not None:  # rounded once to the weights' dtype, as a LoRA fused at load time is
+            value = (value.float() + delta).to(base.dtype)
+        if tensor.dtype == torch.float8_e4m3fn:  # fp8.Float8Linear's weight: its per-channel scales change too
+            from fp8 import quantize_fp8
+
+            weight, scale = quantize_fp8(value)
+            tensor.copy_(weight)
+            module.scale.copy_(scale.reshape(1, -1))
+        else:
+            tensor.copy_(value)
+
+
+def pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy; page-locked when there is a GPU, so that swaps copy it back at full speed."""
+    copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=torch.cuda.is_available())
+    return copy.copy_(tensor.detach())

@@ -26,6 +26,7 @@ from tests.helpers import (
     cli_args,
     max_pixel_diff,
     read_png,
+    rel_err,
 )
 
 ALL_LINEAR = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -138,11 +139,12 @@ def test_kohya_names_reach_the_right_layers(loras, tiny_pipeline_dir):
     import lora
 
     cfg = oi.load_pipeline(tiny_pipeline_dir, "cpu", torch.float32, oi.Options(compile=False, cuda_graphs=False)).cfg
-    deltas = lora.lora_deltas(loras["kohya"], 1.0, cfg)
+    factors = lora.lora_factors(loras["kohya"], lora.reference_shapes(cfg))
     expected = kohya_as_peft(load_file(loras["kohya"]))
-    assert sorted(deltas) == sorted(f"{name}.weight" for name in expected)
+    assert sorted(factors) == sorted(expected)
     for name, (down, up) in expected.items():
-        torch.testing.assert_close(deltas[f"{name}.weight"], up @ down)
+        b, a, factor, _ = factors[name]
+        torch.testing.assert_close(factor * b.float() @ a.float(), up @ down)
 
 
 def test_two_loras_at_once(loras, tiny_pipeline_dir, tmp_path):
@@ -245,3 +247,98 @@ def test_more_scales_than_loras_is_refused(loras, tiny_pipeline_dir, tmp_path, c
     args = cli_args(tiny_pipeline_dir, str(tmp_path / "o.png")) + ["--lora", loras["a"], "--lora-scale", "1",
                                                                    "--lora-scale", "2"]
     check_bad_input(oi.main, args, ["--lora-scale"], tmp_path, capsys)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU, FLUX.1-dev size (random weights): swaps under CUDA graphs, and fp8's error with a LoRA
+# ----------------------------------------------------------------------------------------------------------------------
+def full_size_lora(path, cfg, rank: int = 16, seed: int = 0) -> str:
+    """A rank-16 LoRA on every linear layer of the 57 blocks, in diffusers' format (alpha = rank)."""
+    gen = torch.Generator().manual_seed(seed)
+    import lora
+
+    state = {}
+    for key, shape in lora.reference_shapes(cfg).items():
+        if key.endswith(".weight") and len(shape) == 2 and key.startswith(("transformer_blocks", "single_")):
+            name = f"transformer.{key.removesuffix('.weight')}"
+            state[f"{name}.lora_A.weight"] = (torch.randn(rank, shape[1], generator=gen) / shape[1] ** 0.5).bfloat16()
+            state[f"{name}.lora_B.weight"] = (0.1 * torch.randn(shape[0], rank, generator=gen) / rank**0.5).bfloat16()
+    save_file(state, str(path))
+    return str(path)
+
+
+def step_inputs(model, seed=0):
+    gen = torch.Generator("cuda").manual_seed(seed)
+    x = torch.randn(1, 4096, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    txt = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+    pooled = torch.randn(1, 768, device="cuda", dtype=torch.bfloat16, generator=gen)
+    t, g = torch.full((1,), 0.5, device="cuda"), torch.full((1,), 3.5, device="cuda")
+    cond = model.condition(txt, torch.zeros(512, 3, device="cuda"), oi.image_ids(128, 128, "cuda"), t, g, pooled)
+    return x, cond
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_full_size_swap_under_cuda_graphs(tmp_path, record_property):
+    """Compiled blocks and a captured step: after a swap the graph replays the new weights (as eager computes with
+    them), nothing recompiles or is captured again, and swapping back restores the weights bit for bit."""
+    import time
+
+    cfg = oi.CONFIGS["flux-dev"]
+    a, b = (full_size_lora(tmp_path / f"{n}.safetensors", cfg, seed=s) for n, s in (("a", 1), ("b", 2)))
+    opts = oi.effective_options(oi.Options(text_buckets=False, lora_swaps=(a, b)), torch.device("cuda"))
+    pipe = oi.load_pipeline("black-forest-labs/FLUX.1-dev", "cuda", torch.bfloat16, opts, random_weights=True)
+    model, loras = pipe.transformer, pipe.transformer.loras
+    x, cond = step_inputs(model)
+    one = torch.ones((), device="cuda")
+    loras.apply(((a, 1.0),))
+    weights_a = model.single_transformer_blocks[20].to_qkv_mlp.weight.clone()
+    step = oi.step_function(pipe, x, one, cond)
+    v_a = step(x, one, cond).float() - x.float()
+    counters["stats"].clear()
+    timings = []
+    for adapters in (((b, 1.0),), ((a, 1.0),), ((b, 1.0),)):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loras.apply(adapters)
+        torch.cuda.synchronize()
+        timings.append(time.perf_counter() - t0)
+    v_b = step(x, one, cond).float() - x.float()
+    with torch.compiler.set_stance("force_eager"):
+        v_b_eager = oi.euler_step(model, x, one, cond).float() - x.float()
+    errors = {"graph after swap vs eager": rel_err(v_b, v_b_eager), "before the swap (control)": rel_err(v_a, v_b)}
+    print(f"\nswap times {[round(t, 2) for t in timings]} s for {len(loras.touched)} layers; {errors}")
+    record_property("lora_swap", dict(swap_s=timings, layers=len(loras.touched), **errors))
+    assert counters["stats"]["unique_graphs"] == 0 and len(pipe.steps) == 1
+    assert errors["graph after swap vs eager"] < 3e-2 < 3 * 3e-2 < errors["before the swap (control)"]
+    loras.apply(((a, 1.0),))
+    assert torch.equal(model.single_transformer_blocks[20].to_qkv_mlp.weight, weights_a)
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_fp8_error_with_a_lora_is_no_larger(tmp_path, record_property):
+    """fp8 against bf16, the same random model with and without a full-size LoRA fused."""
+    import fp8
+    import lora
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no float8 tensor cores on this GPU")
+    cfg = oi.CONFIGS["flux-dev"]
+    a = full_size_lora(tmp_path / "a.safetensors", cfg, seed=1)
+    opts = oi.effective_options(oi.Options(compile=False, cuda_graphs=False), torch.device("cuda"))
+    with oi.default_dtype(torch.bfloat16):
+        with torch.device("meta"):
+            model = oi.Flux(cfg, opts)
+        model = oi.init_random_(model.to_empty(device="cuda")).eval().requires_grad_(False)
+    loras = lora.LoraWeights(model, {a})
+    x, cond = step_inputs(model, seed=3)
+    errors = {}
+    for name, adapters in (("without", ()), ("with", ((a, 1.0),))):
+        loras.apply(adapters)
+        quantized = fp8.quantize_fp8_(fp8.bf16_twin(model))
+        errors[name] = rel_err(quantized(x, **cond), model(x, **cond))
+        del quantized
+    print(f"\nfp8 velocity error vs bf16, random weights: {errors}")
+    record_property("fp8_lora_error", errors)
+    assert errors["with"] <= 1.1 * errors["without"]
