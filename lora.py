@@ -42,6 +42,19 @@ def read_lora(spec: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
     return state, alphas or {}, metadata or {}
 
 
+def lora_options(args) -> dict:
+    """Options' LoRA fields from the flags: --lora with its --lora-scale (1.0 where none is given), and the files
+    that --prompts-file lines switch to (their layers' base values are kept for the swaps)."""
+    if len(args.lora_scale) > len(args.lora):
+        raise UserError(f"{len(args.lora_scale)} --lora-scale for {len(args.lora)} --lora: one scale per LoRA at most")
+    lora = tuple(zip(args.lora, args.lora_scale + [1.0] * (len(args.lora) - len(args.lora_scale))))
+    if not args.prompts_file:
+        return {"lora": lora}
+    from prompts_file import lora_files
+
+    return {"lora": lora, "lora_swaps": lora_files(args.prompts_file)}
+
+
 def lora_scaling(module: str, rank: int, alphas: dict, metadata: dict) -> float:
     """alpha / rank as PEFT computes it: the file's per-module alpha, else its adapter config's (with alpha_pattern
     and rsLoRA), else alpha = rank."""

@@ -14,8 +14,8 @@ transformers and diffusers. This file mirrors single_file_inference.py section b
 `diff single_file_inference.py optimized_inference.py` reads as the list of optimizations. `Options` below is their
 index: each is on by default, has a --no-... flag and its reason. What goes beyond one image on one GPU lives in
 sibling modules imported only when their flag is used: fp8.py (--quantize fp8), prompts_file.py (--prompts-file,
---offload-text-encoders), context_parallel.py (torchrun), bfl_checkpoint.py (single-file checkpoints),
-profiling.py (--profile).
+--offload-text-encoders), context_parallel.py (torchrun), bfl_checkpoint.py (single-file checkpoints), lora.py
+(--lora), profiling.py (--profile).
 """
 
 from __future__ import annotations
@@ -1281,8 +1281,6 @@ def check_args(args, defaults: argparse.Namespace) -> None:
         check_prompts_file_args(args, defaults)
     if args.prompts_file is None and not (args.prompt or "").strip():
         raise UserError("--prompt is empty (give --prompt or --prompts-file)")
-    if len(args.lora_scale) > len(args.lora):
-        raise UserError(f"{len(args.lora_scale)} --lora-scale for {len(args.lora)} --lora: one scale per LoRA at most")
     if args.max_graphs < 1:
         raise UserError(f"--max-graphs must be >= 1, got {args.max_graphs}")
     if args.steps is not None and args.steps <= 0:
@@ -1344,13 +1342,13 @@ def main(argv=None) -> int:
 
             args.device, group = context_parallel.init_distributed(args.device)
         dtype = getattr(torch, args.dtype)
-        lora, swaps = tuple(zip(args.lora, args.lora_scale + [1.0] * (len(args.lora) - len(args.lora_scale)))), ()
-        if args.prompts_file:  # the LoRA files its lines switch to
-            from prompts_file import lora_files
+        loras = {}
+        if args.lora or args.prompts_file:  # the --lora flags, and the LoRA files a prompts file switches to
+            from lora import lora_options
 
-            swaps = lora_files(args.prompts_file)
-        opts = effective_options(Options(**{f.name: getattr(args, f.name) for f in fields(Options) if "lora" not in
-                                            f.name}, lora=lora, lora_swaps=swaps), torch.device(args.device))
+            loras = lora_options(args)
+        opts = effective_options(Options(**{**{f.name: getattr(args, f.name) for f in fields(Options) if "lora" not in
+                                               f.name}, **loras}), torch.device(args.device))
         if opts.compile:  # one compiled graph per shape and kind of block (double/single, bf16/fp8)
             torch._dynamo.config.recompile_limit = max(8, 4 * args.max_graphs)
         if opts.compile and args.compile_cache is not None:

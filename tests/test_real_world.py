@@ -15,7 +15,7 @@ import optimized_inference as opt
 import prompts_file
 from tests.helpers import max_pixel_diff, read_png
 
-DEFAULTS = dict(prompt_2=None, seed=10, height=40, width=56, steps=2, guidance=3.5)
+DEFAULTS = dict(prompt_2=None, seed=10, height=40, width=56, steps=2, guidance=3.5, lora=())
 TINY_ARGS = ["--device", "cpu", "--dtype", "float32", "--max-sequence-length", "48", "--no-text-buckets"]
 
 
@@ -36,6 +36,8 @@ def test_parse_job_plain_and_json():
     ('{"prompt": "x", "seed": "7"}', "seed must be an integer"),
     ('{"prompt": "x", "guidance": -1}', "guidance must be a number >= 0"),
     ('{"prompt": "  "}', "empty prompt"),
+    ('{"prompt": "x", "lora": "style.safetensors"}', "lora must be a list of [file, scale] pairs"),
+    ('{"prompt": "x", "lora": [["style.safetensors"]]}', "lora must be a list of [file, scale] pairs"),
 ])
 def test_parse_job_rejects(line, message):
     with pytest.raises(ValueError, match=re.escape(message)):
