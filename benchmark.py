@@ -13,7 +13,8 @@ Rows (--configs takes a comma-separated list; all of them by default, in this or
   diffusers-compile               + torch.compile of the transformer and of vae.decode (fullgraph, default mode)
   diffusers-fused-cudnn-compile   + fused q/k/v projections, cuDNN attention and a channels_last VAE, then compile
   reference                       single_file_inference.py
-  opt-bf16                        optimized_inference.py with every optimization off except bf16 RoPE
+  opt-bf16                        optimized_inference.py with every optimization off except bf16 RoPE (and
+                                  regional compilation and fp8's unsplit reductions, which need compile or fp8)
   opt+fused-qkv .. opt+attention  the ladder: each rung switches on one more optimization (see LADDER); the last
                                   rung is the whole optimized script at the same T5 length as every row above
   opt-text128 .. opt-text512      the whole optimized script at a fixed T5 length of 128 .. 512 tokens (a bucket)
@@ -22,8 +23,9 @@ Rows (--configs takes a comma-separated list; all of them by default, in this or
 
 Wall time per row on an H100 at the defaults: about 1 minute for an eager row (building the model, a warm-up and
 three runs); the compiled rows (diffusers-compile, diffusers-fused-cudnn-compile, opt+compile and every opt row
-after it) add 2.5-4 minutes of compilation each, since no row reuses another's cache. The 15 bf16 rows take about
-40 minutes (the two fp8 rows, not yet timed, likely 4 minutes each); pick rows with --configs for less.
+after it) add 2.5-4 minutes of compilation each, since no row reuses another's cache (H100 estimates; on an H200
+the opt+attention and opt-fp8 rows took about 1.5 minutes each with regional compilation, runs 21-22). All 18 bf16
+rows and the two fp8 rows together take most of an hour; pick rows with --configs for less.
 
 Before the rows, on a GPU, the roofline is measured in this process: the bf16 matmul rate at FLUX's shapes and
 the attention rate of the cuDNN and flash kernels. Each row then reports its achieved TFLOP/s in the denoiser and
@@ -104,7 +106,10 @@ LADDER = {
     "opt+compile": ("--no-compile", "--no-channels-last-vae"),  # the compiled VAE decoder comes in channels_last
     "opt+cuda-graphs": ("--no-cuda-graphs",),
     "opt+rope-halves": ("--no-rope-halves",),
-    "opt+attention": ("--attention", "sdpa"),  # back to --attention auto: cuDNN or FlashAttention on the GPU
+    "opt+rope-per-stream": ("--no-rope-per-stream",),
+    "opt+sigmoid-gelu": ("--no-sigmoid-gelu",),
+    "opt+uint8-on-gpu": ("--no-uint8-on-gpu",),
+    "opt+attention": ("--attention", "sdpa"),  # back to --attention auto: the kernel chosen per GPU architecture
 }
 
 

@@ -20,11 +20,19 @@ def test_flop_per_step_at_1024_and_512_text_tokens():
 
 
 def test_ladder_adds_one_optimization_per_rung():
-    everything_off = {"--no-fused-qkv", "--no-euler-in-graph", "--no-precompute", "--no-compile", "--no-cuda-graphs",
-                      "--no-rope-halves", "--attention", "sdpa", "--no-text-buckets", "--no-channels-last-vae"}
-    assert set(benchmark.ROWS["opt-bf16"].flags) == everything_off
-    assert set(benchmark.ROWS["opt+compile"].flags) == {"--no-cuda-graphs", "--no-rope-halves", "--attention", "sdpa",
-                                                        "--no-text-buckets"}
+    """Parsed by the optimized script itself: the bottom rung has every optimization off but bf16 RoPE (and those
+    that only shape compile or fp8), each rung switches more on, and the top rung is the whole script."""
+    import optimized_inference as oi
+
+    def options(row):
+        args = oi.build_parser().parse_args(["--prompt", "x", *benchmark.ROWS[row].flags])
+        return {f.name for f in oi.OPTIMIZATIONS if getattr(args, f.name) not in (False, "sdpa")}
+
+    assert options("opt-bf16") == {"bf16_rope", "regional_compile", "fp8_unsplit_reductions"}
+    rungs = [name for name in benchmark.ROWS if name == "opt-bf16" or name.startswith("opt+")]
+    for lower, upper in zip(rungs, rungs[1:]):
+        assert options(lower) < options(upper), (lower, upper)
+    assert options(rungs[-1]) == {f.name for f in oi.OPTIMIZATIONS} - {"text_buckets"}
     assert benchmark.ROWS["opt+attention"].flags == ("--no-text-buckets",)
     assert benchmark.ROWS["opt-text256"] == benchmark.Row("optimized_inference.py", ("--no-text-buckets",), 256)
 
