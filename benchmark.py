@@ -24,8 +24,8 @@ Rows (--configs takes a comma-separated list; all of them by default, in this or
 Wall time per row on an H100 at the defaults: about 1 minute for an eager row (building the model, a warm-up and
 three runs); the compiled rows (diffusers-compile, diffusers-fused-cudnn-compile, opt+compile and every opt row
 after it) add 2.5-4 minutes of compilation each, since no row reuses another's cache (H100 estimates; on an H200
-the opt+attention and opt-fp8 rows took about 1.5 minutes each with regional compilation, runs 21-22). All 18 bf16
-rows and the two fp8 rows together take most of an hour; pick rows with --configs for less.
+the opt+attention and opt-fp8 rows took about 1.5 minutes each with regional compilation, runs 21-22). The 21 bf16
+rows and the two fp8 rows together take over an hour; pick rows with --configs for less.
 
 Before the rows, on a GPU, the roofline is measured in this process: the bf16 matmul rate at FLUX's shapes and
 the attention rate of the cuDNN and flash kernels. Each row then reports its achieved TFLOP/s in the denoiser and
