@@ -34,7 +34,10 @@ def test_parse_job_plain_and_json():
     ('{"prompt": "x", "width": 4096}', "up to 2048"),
     ('{"prompt": "x", "steps": 0}', "steps must be positive"),
     ('{"prompt": "x", "seed": "7"}', "seed must be an integer"),
-    ('{"prompt": "x", "guidance": -1}', "guidance must be a number >= 0"),
+    ('{"prompt": "x", "guidance": -1}', "guidance must be a finite number >= 0"),
+    ('{"prompt": "x", "guidance": NaN}', "guidance must be a finite number >= 0, got nan"),
+    (f'{{"prompt": "x", "seed": {2**64}}}', "seed must be 0 to 2**64 - 1"),
+    ('{"prompt": "x", "seed": -1}', "seed must be 0 to 2**64 - 1"),
     ('{"prompt": "  "}', "empty prompt"),
 ])
 def test_parse_job_rejects(line, message):
