@@ -262,6 +262,7 @@ def test_flag_errors_are_one_line(case, tmp_path, capsys):
 def test_fp8_on_gpu_without_fp8_is_one_line_error(tmp_path, capsys, monkeypatch):
     """An A100 (compute capability 8.0) has no float8 tensor cores: refused before any weight is loaded."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # --device cuda is checked to exist
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     args = cli_args(str(tmp_path / "no-model"), str(tmp_path / "out.png"), "--quantize", "fp8")
