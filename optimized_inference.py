@@ -1299,7 +1299,7 @@ def check_args(args, defaults: argparse.Namespace) -> None:
     check_writable(None if args.prompts_file else args.output, args.timings_json, args.profile)
 
 
-MAX_SIDE = 2048  # FLUX.1 makes up to about 2 megapixels (2048x2048 runs, README); far beyond, the shift overflows
+MAX_SIDE = 2048  # per side: the largest size measured (README: 2048x2048); far beyond, the schedule overflows
 MEMORY_SAVERS = "--offload-text-encoders, --quantize fp8, or a smaller --height/--width or --batch-size"
 
 

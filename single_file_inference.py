@@ -810,7 +810,7 @@ def check_args(args) -> None:
     check_writable(args.output, args.timings_json)
 
 
-MAX_SIDE = 2048  # FLUX.1 makes up to about 2 megapixels (2048x2048 runs, README); far beyond, the shift overflows
+MAX_SIDE = 2048  # per side: the largest size measured (README: 2048x2048); far beyond, the schedule overflows
 MEMORY_SAVERS = "a smaller --height/--width or --batch-size"
 
 
