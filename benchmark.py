@@ -64,6 +64,8 @@ from single_file_inference import (
     FLUX_VAE_CONFIG,
     T5_XXL_CONFIG,
     Timer,
+    UserError,
+    check_common_args,
     default_dtype,
     init_random_,
     read_json,
@@ -557,8 +559,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = [name for name in args.configs if name not in ROWS]
     if unknown or not args.configs:
         parser.error(f"unknown --configs {', '.join(unknown)}; choose from {', '.join(ROWS)}")
-    if args.batch_size < 1 or args.runs < 1 or args.warmup < 0 or args.timeout <= 0:
-        parser.error("--batch-size and --runs must be >= 1, --warmup >= 0 and --timeout > 0")
+    if args.timeout <= 0:
+        parser.error("--timeout must be > 0")
     return args
 
 
@@ -568,6 +570,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return run_peer(args)
+    try:  # the flags the rows take, checked before any row starts
+        check_common_args(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     os.makedirs(args.out_dir, exist_ok=True)
     env = environment(args, argv)

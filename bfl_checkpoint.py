@@ -13,7 +13,6 @@ import os
 import re
 
 import torch
-from safetensors import safe_open
 
 from optimized_inference import (
     COMPONENTS,
@@ -25,6 +24,7 @@ from optimized_inference import (
     load_weights_strict,
     prepare_state,
     read_json,
+    read_safetensors,
     resolve_model_dir,
 )
 
@@ -111,13 +111,12 @@ def config_from_bfl(state: dict[str, torch.Tensor], scheduler_config: dict, axes
 
 def load_bfl_transformer(file: str, scheduler_config: dict, axes_dims_rope, opts: Options, device,
                          dtype) -> tuple[Flux, FluxConfig]:
-    with safe_open(file, framework="pt", device=str(device)) as f:
-        state = {key: f.get_tensor(key) for key in f.keys()}
+    state = read_safetensors(file, device)
     cfg = config_from_bfl(state, scheduler_config, axes_dims_rope)
     with torch.device("meta"):
         model = Flux(cfg, opts)
     state = prepare_state(bfl_to_diffusers(state, cfg.hidden_size), cfg, opts)
-    load_weights_strict(model, state, dtype)
+    load_weights_strict(model, state, dtype, file)
     return model.eval(), cfg
 
 

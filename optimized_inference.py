@@ -31,6 +31,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from tqdm import tqdm
@@ -623,6 +624,15 @@ def read_json(path: str) -> dict:
         raise UserError(f"cannot read {path}: {e}") from e
 
 
+def read_safetensors(path: str, device) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, read straight to `device`; a file that cannot be read is named."""
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (OSError, SafetensorError) as e:  # unreadable, empty, cut short or not safetensors at all
+        raise UserError(f"cannot read {path} ({e}); if it is a download, fetch it again") from e
+
+
 def transformer_state_dict(directory: str, device) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint, read straight to `device`."""
     index = os.path.join(directory, "diffusion_pytorch_model.safetensors.index.json")
@@ -634,13 +644,12 @@ def transformer_state_dict(directory: str, device) -> dict[str, torch.Tensor]:
         raise UserError(f"no .safetensors weights in {directory}")
     state = {}
     for name in files:
-        with safe_open(os.path.join(directory, name), framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                state[key] = f.get_tensor(key)
+        state.update(read_safetensors(os.path.join(directory, name), device))
     return state
 
 
-def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], dtype) -> None:
+def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], dtype,
+                        source: str = "transformer checkpoint") -> None:
     """Strict load onto a meta-device model: any missing, unexpected or mis-shaped key is named in the error."""
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
@@ -654,7 +663,7 @@ def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], dtype)
     problems = [f"{label}: {some(keys)}" for label, keys in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched)) if keys]
     if problems:
-        raise UserError("transformer checkpoint does not match its config: " + "; ".join(problems))
+        raise UserError(f"{source} does not match its config: " + "; ".join(problems))
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
 
 
@@ -710,7 +719,7 @@ def load_transformer(directory: str, cfg: FluxConfig, opts: Options, device, dty
     with torch.device("meta"):
         model = Flux(cfg, opts)
     state = prepare_state(transformer_state_dict(directory, device), cfg, opts)
-    load_weights_strict(model, state, dtype)
+    load_weights_strict(model, state, dtype, directory)
     return model.eval()
 
 
@@ -725,7 +734,7 @@ class ByteTokenizer:
         self.vocab_size, self.bos, self.eos, self.pad = vocab_size, bos, eos, pad
         self.model_max_length = model_max_length
 
-    def __call__(self, texts, padding=None, max_length=None, truncation=False, return_tensors=None):
+    def __call__(self, texts, padding=None, max_length=None, truncation=False, return_tensors=None, verbose=True):
         rows = []
         for text in texts:
             ids = ([] if self.bos is None else [self.bos]) + [3 + b for b in text.encode()] + [self.eos]
@@ -778,16 +787,22 @@ def load_tokenizers(path: str | None, model: str):
         try:
             from huggingface_hub import snapshot_download
 
-            path = model if os.path.isdir(model) else snapshot_download(
-                model, allow_patterns=["tokenizer/*", "tokenizer_2/*"], local_files_only=True)
-            return (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-                    T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2"))
+            return load_tokenizers(model if os.path.isdir(model) else snapshot_download(
+                model, allow_patterns=["tokenizer/*", "tokenizer_2/*"], local_files_only=True), model)
         except Exception:
             print("note: tokenizer files not found locally; --random-weights uses byte-level token ids")
             return (ByteTokenizer(CLIP_L_CONFIG["vocab_size"], 49406, 49407, 49407, 77),
                     ByteTokenizer(T5_XXL_CONFIG["vocab_size"], None, 1, 0, 512))
-    return (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2"))
+    return from_folder(CLIPTokenizer, path, "tokenizer"), from_folder(T5TokenizerFast, path, "tokenizer_2")
+
+
+def from_folder(cls, path: str, folder: str, **kwargs):
+    """A tokenizer, text encoder or VAE from its folder of a diffusers-layout pipeline; a damaged one is named."""
+    try:
+        return cls.from_pretrained(path, subfolder=folder, **kwargs)
+    except Exception as e:  # a damaged file raises anything from OSError to KeyError
+        reason = (str(e).splitlines() or [""])[0]
+        raise UserError(f"cannot load {os.path.join(path, folder)} ({type(e).__name__}: {reason})") from e
 
 
 @contextlib.contextmanager
@@ -833,12 +848,9 @@ def load_pipeline(model: str, device, dtype, opts: Options, random_weights: bool
         clip_tok, t5_tok = load_tokenizers(path, model)
         name = model
     if not random_weights:
-        try:
-            clip = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype).to(device)
-            t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype).to(device)
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype).to(device)
-        except (OSError, ValueError) as e:
-            raise UserError(f"could not load the text encoders / VAE from {path}: {str(e).splitlines()[0]}") from e
+        clip = from_folder(CLIPTextModel, path, "text_encoder", dtype=dtype).to(device)
+        t5 = from_folder(T5EncoderModel, path, "text_encoder_2", dtype=dtype).to(device)
+        vae = from_folder(AutoencoderKL, path, "vae", dtype=dtype).to(device)
     for m in (clip, t5, vae):
         m.eval().requires_grad_(False)
     transformer.requires_grad_(False)
@@ -950,11 +962,11 @@ def describe(pipe: Pipeline) -> str:
 # Pipeline: encode, denoise, decode
 # ----------------------------------------------------------------------------------------------------------------------
 def tokenize(tokenizer, prompts: list[str], max_length: int, name: str, bucket: int = 0) -> torch.Tensor:
-    full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+    # verbose=False: transformers' own too-long warning, on the untruncated count, says less than ours.
+    full = tokenizer(prompts, padding="longest", return_tensors="pt", verbose=False).input_ids
     dropped = full.shape[1] - max_length
     if dropped > 0:
-        print(f"warning: prompt longer than {name}'s {max_length} tokens; {dropped} tokens were dropped",
-              file=sys.stderr)
+        warn(f"prompt longer than {name}'s {max_length} tokens; {dropped} tokens were dropped")
     if bucket:  # pad to the next multiple of `bucket`: a short prompt costs less, with few shapes to compile
         max_length = min(max_length, -(-full.shape[1] // bucket) * bucket)
     return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
@@ -973,6 +985,11 @@ def encode_prompt(pipe: Pipeline, prompts: list[str], prompts_2: list[str], max_
 
 
 TEXT_BUCKET = 128
+
+
+@functools.cache  # each warning once per run (main clears it), however many warm-up and timed runs repeat it
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def initial_noise(seeds: list[int], channels: int, h: int, w: int, dtype) -> torch.Tensor:
@@ -1283,31 +1300,55 @@ def check_args(args, defaults: argparse.Namespace) -> None:
         raise UserError("--prompt is empty (give --prompt or --prompts-file)")
     if args.max_graphs < 1:
         raise UserError(f"--max-graphs must be >= 1, got {args.max_graphs}")
-    if args.steps is not None and args.steps <= 0:
-        raise UserError(f"--steps must be positive, got {args.steps}")
-    if args.guidance is not None and args.guidance < 0:
-        raise UserError(f"--guidance must be >= 0, got {args.guidance}")
-    if args.height <= 0 or args.width <= 0:
-        raise UserError(f"--height/--width must be positive, got {args.height}x{args.width}")
-    if args.max_sequence_length is not None and args.max_sequence_length <= 0:
-        raise UserError(f"--max-sequence-length must be positive, got {args.max_sequence_length}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.warmup < 0 or args.runs < 1:
-        raise UserError("--warmup must be >= 0 and --runs >= 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} but CUDA is not available")
+    check_common_args(args)
+    if os.path.splitext(args.output)[1].lower() != ".png":  # the settings go into the PNG's text chunks
+        raise UserError(f"--output {args.output}: images are written as PNG, give a name ending in .png")
     if (args.quantize, args.fp8_keep_bf16, args.compare_bf16) != ("none", 0, False):
         from fp8 import check_fp8_args
 
         check_fp8_args(args)
-    for path in (args.output, args.timings_json, args.profile):
-        if path is not None:
-            if os.path.isdir(path):
-                raise UserError(f"cannot write {path}: it is a directory")
-            folder = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-                raise UserError(f"cannot write {path}: {folder} is not a writable directory")
+    check_writable(None if args.prompts_file else args.output, args.timings_json, args.profile)
+
+
+MAX_SIDE = 2048  # per side: the largest size measured (README: 2048x2048); far beyond, the schedule overflows
+MEMORY_SAVERS = "--offload-text-encoders, --quantize fp8, or a smaller --height/--width or --batch-size"
+
+
+def check_common_args(args) -> None:
+    """The flags both scripts and benchmark.py take, checked before anything is loaded."""
+    if args.steps is not None and args.steps <= 0:
+        raise UserError(f"--steps must be positive, got {args.steps}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if not (0 < args.height <= MAX_SIDE and 0 < args.width <= MAX_SIDE):
+        raise UserError(f"--height/--width must be positive and at most {MAX_SIDE}, got {args.height}x{args.width}")
+    if args.max_sequence_length is not None and not 0 < args.max_sequence_length <= 512:  # T5's, as in diffusers
+        raise UserError(f"--max-sequence-length must be 1 to 512 (T5's limit), got {args.max_sequence_length}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0 <= args.seed <= 2**64 - args.batch_size:  # torch's seeds are 64-bit; image i uses --seed + i
+        raise UserError(f"--seed must be 0 to 2**64 - 1 (with --seed + i for image i of a batch), got {args.seed}")
+    if args.warmup < 0 or args.runs < 1:
+        raise UserError("--warmup must be >= 0 and --runs >= 1")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise UserError(f"--device {args.device!r}: this script runs on cpu, cuda or cuda:N")
+    if args.device != "cpu" and int(args.device[5:] or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {args.device}, but {torch.cuda.device_count()} CUDA device(s) are available")
+    if args.random_weights and args.device == "cpu":
+        raise UserError("--random-weights builds the full 12B model, for a GPU (about 33 GB in bf16); on the CPU "
+                        "use a tiny pipeline: python tiny_pipeline.py /tmp/tiny-flux, then --model /tmp/tiny-flux")
+
+
+def check_writable(*paths: str | None) -> None:
+    """Each output path can be written: found now, not after the run (a nameless file is made in its folder)."""
+    for path in filter(None, paths):
+        if os.path.isdir(path):
+            raise UserError(f"cannot write {path}: it is a directory")
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {folder} is not a writable directory ({e.strerror})") from e
 
 
 def check_size(height: int, width: int, vae_scale_factor: int) -> None:
@@ -1331,9 +1372,21 @@ def save_png(image: np.ndarray, path: str, metadata: dict) -> None:
         raise UserError(f"cannot write {path}: {e}") from e
 
 
+def as_user_error(e: Exception, batch: int, height: int, width: int) -> UserError:
+    """Bad input as it is; out of memory (torch.OutOfMemoryError; on the CPU MemoryError or "you tried to allocate N
+    bytes") as what was asked for and MEMORY_SAVERS. Anything else is a bug: raised again, traceback and all."""
+    if isinstance(e, UserError):
+        return e
+    if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "you tried to allocate" not in str(e):
+        raise e
+    where = "GPU" if isinstance(e, torch.OutOfMemoryError) else "CPU"
+    return UserError(f"out of {where} memory for {batch} image(s) of {width}x{height}; try {MEMORY_SAVERS}")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warn.cache_clear()
     try:
         check_args(args, parser.parse_args([]))
         group = None
@@ -1401,9 +1454,10 @@ def main(argv=None) -> int:
         if args.timings_json:
             with open(args.timings_json, "w") as f:
                 json.dump({"script": os.path.basename(__file__), "args": vars(args), **summary}, f, indent=1)
-    except UserError as e:
+    except (UserError, MemoryError, RuntimeError) as e:  # a RuntimeError only if out of memory (as_user_error)
+        message = as_user_error(e, args.batch_size, args.height, args.width)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:  # same on every rank: once
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
         else:  # torchrun stops every rank once one fails: leave rank 0 the time to say why
             time.sleep(2)
         return 2

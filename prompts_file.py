@@ -10,8 +10,10 @@ Imported only when one of those flags is given.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -19,7 +21,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from optimized_inference import Pipeline, Request, Timer, UserError, describe, generate, save_png
+from optimized_inference import (
+    MAX_SIDE,
+    Pipeline,
+    Request,
+    Timer,
+    UserError,
+    as_user_error,
+    describe,
+    generate,
+    save_png,
+)
 
 
 @dataclass
@@ -35,9 +47,6 @@ class Job:
     steps: int
     guidance: float
     lora: tuple = ()  # ((file, scale), ...): "lora": [[file, scale], ...] on the line, else the --lora flags
-
-
-MAX_SIDE = 2048
 
 
 def parse_job(line: str, index: int, defaults: dict, multiple: int) -> Job:
@@ -58,8 +67,11 @@ def parse_job(line: str, index: int, defaults: dict, multiple: int) -> Job:
     for key in ("seed", "height", "width", "steps"):
         if not isinstance(job[key], int):
             raise ValueError(f"{key} must be an integer, got {job[key]!r}")
-    if not isinstance(job["guidance"], int | float) or job["guidance"] < 0:
-        raise ValueError(f"guidance must be a number >= 0, got {job['guidance']!r}")
+    if not 0 <= job["seed"] < 2**64:  # torch's seeds are 64-bit
+        raise ValueError(f"seed must be 0 to 2**64 - 1, got {job['seed']}")
+    # Python's JSON reads NaN and Infinity as numbers.
+    if not isinstance(job["guidance"], int | float) or not (math.isfinite(job["guidance"]) and job["guidance"] >= 0):
+        raise ValueError(f"guidance must be a finite number >= 0, got {job['guidance']!r}")
     if not (isinstance(job["lora"], list | tuple) and all(
             isinstance(pair, list | tuple) and len(pair) == 2 and isinstance(pair[0], str)
             and isinstance(pair[1], int | float) for pair in job["lora"])):
@@ -109,7 +121,6 @@ def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
 def generate_many(pipe: Pipeline, jobs: list[Job], batch_size: int, max_sequence_length: int, output_dir: str,
                   metadata: dict) -> None:
     """Every job, batch by batch, each image saved as soon as its batch is done; then a throughput line."""
-    os.makedirs(output_dir, exist_ok=True)
     t0, build0, done = time.perf_counter(), pipe.build_s, 0
     for batch in tqdm(batches(jobs, batch_size), desc="prompts", unit="batch"):
         first = batch[0]
@@ -117,9 +128,13 @@ def generate_many(pipe: Pipeline, jobs: list[Job], batch_size: int, max_sequence
             pipe.transformer.loras.apply(first.lora)
         req = Request([j.prompt for j in batch], [j.prompt_2 for j in batch], first.height, first.width, first.steps,
                       first.guidance, [j.seed for j in batch], max_sequence_length)
-        images = generate(pipe, req, Timer(pipe.device))
+        try:
+            images = generate(pipe, req, Timer(pipe.device))
+        except (MemoryError, RuntimeError) as e:  # out of memory: this batch's size, not the flags'
+            raise as_user_error(e, len(batch), first.height, first.width) from e
         if images is None:  # a rank other than 0 of a context-parallel run: rank 0 saves
             continue
+        os.makedirs(output_dir, exist_ok=True)  # with the first image: a run that fails before leaves no folder
         for job, image in zip(batch, images, strict=True):
             save_png(image, os.path.join(output_dir, f"{job.index:04d}-{job.seed}.png"), {
                 **metadata, "prompt": job.prompt, "prompt_2": job.prompt_2, "seed": job.seed, "steps": job.steps,
@@ -136,9 +151,22 @@ ONE_PROMPT_FLAGS = ("prompt", "output", "warmup", "runs", "timings_json", "profi
 
 
 def check_prompts_file_args(args, defaults) -> None:
+    """Before anything is loaded: the flags, the file can be read and the images' folder can be made and written."""
     if unread := [f"--{name.replace('_', '-')}" for name in ONE_PROMPT_FLAGS
                   if getattr(args, name) != getattr(defaults, name)]:
         raise UserError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used with --prompts-file")
+    try:
+        open(args.prompts_file).close()
+    except OSError as e:
+        raise UserError(f"cannot read {args.prompts_file}: {e.strerror}") from e
+    folder = os.path.abspath(args.output_dir)  # or the nearest folder above it, where generate_many makes it
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"cannot write images into {args.output_dir}: {folder} is not a writable directory "
+                        f"({e.strerror})") from e
 
 
 def lora_files(path: str) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ import os
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -40,7 +41,9 @@ def tiny_pipeline_dir_schnell(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def broken_model_dirs(tiny_pipeline_dir, tmp_path_factory):
-    """Copies of the tiny pipeline: one without its VAE, one with a renamed transformer key, one missing a config."""
+    """Copies of the tiny pipeline, each broken one way, by name: no VAE, a renamed transformer key, no transformer
+    config; the transformer's weights cut in half, empty or random bytes; T5's weights cut in half; T5's tokenizer
+    files random bytes."""
     root = tmp_path_factory.mktemp("broken_models")
     no_vae = shutil.copytree(tiny_pipeline_dir, root / "incomplete")  # a name that does not contain "vae"
     shutil.rmtree(no_vae / "vae")
@@ -53,4 +56,19 @@ def broken_model_dirs(tiny_pipeline_dir, tmp_path_factory):
 
     no_config = shutil.copytree(tiny_pipeline_dir, root / "no_transformer_config")
     os.remove(no_config / "transformer" / "config.json")
-    return {"no_vae": str(no_vae), "renamed_key": str(renamed), "no_transformer_config": str(no_config)}
+    dirs = {"no_vae": str(no_vae), "renamed_key": str(renamed), "no_transformer_config": str(no_config)}
+
+    garbage = np.random.default_rng(0).bytes(4096)
+    half = lambda data: data[: len(data) // 2]  # noqa: E731
+    transformer = ["transformer/diffusion_pytorch_model.safetensors"]
+    t5_tokenizer = [f"tokenizer_2/{f}" for f in os.listdir(os.path.join(tiny_pipeline_dir, "tokenizer_2"))]
+    for name, files, damage in [
+        ("truncated", transformer, half), ("empty", transformer, lambda data: b""),
+        ("garbage", transformer, lambda data: garbage), ("truncated_t5", ["text_encoder_2/model.safetensors"], half),
+        ("garbage_t5_tokenizer", t5_tokenizer, lambda data: garbage),
+    ]:
+        copy = shutil.copytree(tiny_pipeline_dir, root / name)
+        for file in files:
+            (copy / file).write_bytes(damage((copy / file).read_bytes()))
+        dirs[name] = str(copy)
+    return dirs

@@ -14,9 +14,10 @@ MIRRORED = [
     "CLIP_L_CONFIG", "T5_XXL_CONFIG", "FLUX_VAE_CONFIG", "UserError",
     "timestep_embedding", "modulate", "rms_norm", "latent_grid", "pack", "unpack", "image_ids", "flow_match_sigmas",
     "MLPEmbedder", "TimeTextEmbed", "QKNorm", "init_random_",
-    "COMPONENTS", "read_json", "transformer_state_dict", "load_weights_strict", "ByteTokenizer", "load_tokenizers",
-    "default_dtype", "initial_noise", "Request",
-    "Timer", "timed_runs", "sync", "summarize", "HelpFormatter", "check_size", "save_png",
+    "COMPONENTS", "read_json", "read_safetensors", "transformer_state_dict", "load_weights_strict", "ByteTokenizer",
+    "load_tokenizers", "from_folder", "default_dtype", "warn", "initial_noise", "Request",
+    "Timer", "timed_runs", "sync", "summarize", "HelpFormatter", "MAX_SIDE", "check_common_args", "check_writable",
+    "check_size", "save_png", "as_user_error",
 ]
 
 

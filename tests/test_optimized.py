@@ -32,7 +32,6 @@ from tests.helpers import (
     max_pixel_diff,
     read_png,
     rel_err,
-    with_flags,
 )
 from tests.helpers import TINY as TINY_DIMS
 
@@ -460,45 +459,6 @@ def test_attention_per_architecture(monkeypatch, capsys):
     for backend in ("cudnn", "flash", "fa2", "fa3"):
         with pytest.raises(oi.UserError, match=backend):
             oi.effective_options(oi.Options(attention=backend), torch.device("cpu"))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Bad input: one line on stderr, exit status 2, nothing written (in process; tests/helpers.py)
-# ----------------------------------------------------------------------------------------------------------------------
-BAD_INPUT = {
-    "attention-cudnn-on-cpu": (["--attention", "cudnn"], ["--attention cudnn", "CUDA"]),
-    "attention-fa3-on-cpu": (["--attention", "fa3"], ["--attention fa3", "CUDA"]),
-    "inductor-tuning-without-compile": (["--inductor-tuning", "--no-compile"], ["--inductor-tuning"]),
-    "steps-zero": (["--steps", "0"], ["--steps"]),
-    "height-not-multiple-of-8": (["--height", "44"], ["multiples of 8", "44"]),
-    "width-zero": (["--width", "0"], ["--height/--width"]),
-    "model-does-not-exist": (["--model", "{tmp}/does_not_exist"], ["does_not_exist"]),
-    "model-missing-vae": (["--model", "{no_vae}"], ["vae"]),
-    "guidance-negative": (["--guidance", "-2"], ["--guidance"]),
-    "prompt-empty": (["--prompt", ""], ["--prompt"]),
-    "output-in-missing-directory": (["--output", "{tmp}/no/such/dir/out.png"], ["no/such/dir"]),
-    "output-is-a-directory": (["--output", "{out}"], ["{out}"]),
-    "profile-in-missing-directory": (["--profile", "{tmp}/no/such/dir/p.json"], ["no/such/dir"]),
-    "model-missing-transformer-config": (["--model", "{no_transformer_config}"], ["transformer", "config.json"]),
-    "output-dir-without-prompts-file": (["--output-dir", "{tmp}/o"], ["--output-dir", "--prompts-file"]),
-    "strict-without-prompts-file": (["--strict"], ["--strict", "--prompts-file"]),
-    "output-with-prompts-file": (["--prompts-file", "{tmp}/p.txt"], ["--output is not used with --prompts-file"]),
-    "runs-with-prompts-file": (["--prompts-file", "{tmp}/p.txt", "--output", "output.png", "--runs", "3"],
-                               ["--runs is not used with --prompts-file"]),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUT), ids=list(BAD_INPUT))
-def test_bad_input_is_one_line_error(case, tiny_pipeline_dir, broken_model_dirs, tmp_path, capsys):
-    extra, needles = BAD_INPUT[case]
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    fill = lambda s: s.replace("{tmp}", str(tmp_path)).replace("{out}", str(out_dir)).format(**broken_model_dirs)
-    args = cli_args(tiny_pipeline_dir, str(out_dir / "out.png"))
-    if "--prompts-file" in extra:  # a prompts file instead of --prompt
-        (tmp_path / "p.txt").write_text("a red cat\n")
-        args = args[2:]
-    check_bad_input(oi.main, with_flags(args, [fill(a) for a in extra]), [fill(n) for n in needles], out_dir, capsys)
 
 
 if __name__ == "__main__":

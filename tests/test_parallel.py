@@ -136,11 +136,12 @@ def test_odd_text_length_is_a_user_error(parallel_results):
 CLI = ["--prompt", "a red cat on a blue chair", "--device", "cpu", "--dtype", "float32", "--height", "64",
        "--width", "64", "--steps", "3", "--max-sequence-length", "48", "--no-text-buckets", "--seed", "7"]
 
-# Imported by every process that starts with this folder on PYTHONPATH: logs each write under $WATCH_DIR, by rank.
+# Imported by every process that starts with this folder on PYTHONPATH: logs each file written in $WATCH_DIR, by rank
+# (not the folder itself, which check_writable opens for a nameless temporary file that writes nothing).
 WRITE_WATCHER = """\
 import os, sys
 if "RANK" in os.environ:
-    def _hook(event, args, watch=os.environ["WATCH_DIR"], log=os.environ["WATCH_LOG"] + os.environ["RANK"]):
+    def _hook(event, args, watch=os.environ["WATCH_DIR"] + os.sep, log=os.environ["WATCH_LOG"] + os.environ["RANK"]):
         if event == "open" and str(args[0]).startswith(watch) and set(str(args[1])) & set("wax+"):
             with open(log, "a") as f:
                 f.write(str(args[0]) + "\\n")

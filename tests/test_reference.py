@@ -1,4 +1,5 @@
-"""The reference implementation (single_file_inference.py) against diffusers, and its handling of bad input."""
+"""The reference implementation (single_file_inference.py) against diffusers, and its errors after a run (bad input:
+tests/test_bad_input.py)."""
 
 import os
 import re
@@ -10,7 +11,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from transformers import T5TokenizerFast
 
 import single_file_inference as sfi
 from tests.helpers import (
@@ -22,12 +22,10 @@ from tests.helpers import (
     STEPS,
     TINY,
     WIDTH,
-    check_bad_input,
     cli_args,
     max_pixel_diff,
     read_png,
     rel_err,
-    run_script,
 )
 
 # The scheduler_config.json files of the FLUX.1 hub repos, written out here rather than taken from the script.
@@ -319,55 +317,8 @@ def test_strict_loading_names_the_offending_key(problem):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Bad input: one line on stderr, a non-zero exit status, no output file
+# Errors after the run: one line on stderr, a non-zero exit status, no output file (bad input: tests/test_bad_input.py)
 # ----------------------------------------------------------------------------------------------------------------------
-# id -> (extra args that override the good ones, which model dir, text the error line must contain)
-BAD_INPUT = {
-    "height-not-multiple-of-8": (["--height", "44"], "tiny", ["multiples of 8", "44"]),
-    "width-not-multiple-of-8": (["--width", "60"], "tiny", ["multiples of 8", "60"]),
-    "height-zero": (["--height", "0"], "tiny", ["--height"]),
-    "width-negative": (["--width", "-16"], "tiny", ["-16"]),
-    "steps-zero": (["--steps", "0"], "tiny", ["--steps"]),
-    "guidance-negative": (["--guidance", "-1"], "tiny", ["--guidance"]),
-    "prompt-empty": (["--prompt", ""], "tiny", ["--prompt"]),
-    "prompt-blank": (["--prompt", "   "], "tiny", ["--prompt"]),
-    "max-sequence-length-zero": (["--max-sequence-length", "0"], "tiny", ["--max-sequence-length"]),
-    "batch-size-zero": (["--batch-size", "0"], "tiny", ["--batch-size"]),
-    "model-does-not-exist": ([], "nonexistent", ["does_not_exist"]),
-    "model-missing-vae": ([], "no_vae", ["vae"]),
-    "checkpoint-renamed-key": ([], "renamed_key",
-                               ["transformer_blocks.1.attn.to_k.weight", "transformer_blocks.1.attn.to_key.weight"]),
-    "device-cuda-without-cuda": (["--device", "cuda"], "tiny", ["cuda"]),
-    "output-in-missing-directory": (["--output", "{tmp}/no/such/dir/out.png"], "tiny", ["no/such/dir"]),
-    "output-is-a-directory": (["--output", "{tmp}"], "tiny", ["{tmp}"]),
-    "timings-json-in-missing-directory": (["--timings-json", "{tmp}/no/such/dir/t.json"], "tiny", ["no/such/dir"]),
-    "model-missing-transformer-config": ([], "no_transformer_config", ["transformer", "config.json"]),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUT), ids=list(BAD_INPUT))
-def test_bad_input_is_one_line_error(case, tiny_pipeline_dir, broken_model_dirs, tmp_path, capsys):
-    extra, which, needles = BAD_INPUT[case]
-    if extra[:2] == ["--device", "cuda"] and torch.cuda.is_available():
-        pytest.skip("CUDA is available here")
-    model = {"tiny": tiny_pipeline_dir, "nonexistent": str(tmp_path / "does_not_exist")}.get(which) or \
-        broken_model_dirs[which]
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    fill = lambda s: s.replace("{tmp}", str(out_dir))  # noqa: E731
-    args = cli_args(model, str(out_dir / "out.png"), *[fill(a) for a in extra])
-    check_bad_input(sfi.main, args, [fill(n) for n in needles], out_dir, capsys)
-    assert not os.path.exists(str(out_dir) + ".tmp")
-
-
-def test_bad_input_as_a_user_runs_it(tmp_path):
-    """One case in a process of its own: what reaches the terminal is one line and exit status 2."""
-    proc = run_script("single_file_inference.py", cli_args(str(tmp_path / "no_model"), str(tmp_path / "o.png")))
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"error: --model {str(tmp_path / 'no_model')!r} is not a directory with a diffusers FLUX pipeline"]
-    assert os.listdir(tmp_path) == []
-
-
 def test_failed_save_is_an_error_and_leaves_no_file(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
     """A write that fails after the whole run (disk full, say): one error line, and no half-written file."""
     real_replace = os.replace
@@ -392,22 +343,6 @@ def test_save_with_a_directory_in_the_way_of_the_temp_file(tiny_pipeline_dir, tm
     assert sfi.main(cli_args(tiny_pipeline_dir, str(out))) != 0
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error:")
     assert not out.exists()
-
-
-def test_long_prompt_is_truncated_with_a_warning(tiny_pipeline_dir, tmp_path, capsys):
-    max_len = 8
-    prompt = "A watercolor painting of a small village in the mountains during winter, with a fox"
-    t5_tokens = len(T5TokenizerFast.from_pretrained(tiny_pipeline_dir, subfolder="tokenizer_2")(prompt).input_ids)
-    assert t5_tokens > max_len + 2
-    out = tmp_path / "long.png"
-    args = cli_args(tiny_pipeline_dir, str(out))
-    args[args.index("--prompt") + 1] = prompt
-    args[args.index("--max-sequence-length") + 1] = str(max_len)
-    assert sfi.main(args) == 0
-    err = capsys.readouterr().err
-    assert f"warning: prompt longer than T5's {max_len} tokens; {t5_tokens - max_len} tokens were dropped" in err
-    assert "CLIP" not in err  # short enough for CLIP's 77 tokens
-    assert read_png(out).std() > 10
 
 
 def test_nan_latents_are_an_error(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
