@@ -1260,6 +1260,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prompts-file", default=None, help="a prompt per line, or JSON lines (see prompts_file.py)")
     m.add_argument("--output-dir", default="outputs", help="with --prompts-file: images as <index>-<seed>.png")
     m.add_argument("--strict", action="store_true", help="a bad line in --prompts-file stops the run before any image")
+    m.add_argument("--overwrite", action="store_true", help="make again the images already in --output-dir")
     m.add_argument("--max-graphs", type=int, default=8, help="captured shapes kept, least recently used evicted")
     m.add_argument("--compile-cache", default=None, help="compile cache directory (default: torch's, in /tmp)")
     m.add_argument("--offload-text-encoders", action="store_true",
@@ -1289,7 +1290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args, defaults: argparse.Namespace) -> None:
     """Everything that can be checked before loading gigabytes of weights."""
-    from_file = ("output_dir", "strict") if args.prompts_file is None else ()  # read only with --prompts-file
+    from_file = ("output_dir", "strict", "overwrite") if args.prompts_file is None else ()  # --prompts-file's own
     if unread := [f"--{n.replace('_', '-')}" for n in from_file if getattr(args, n) != getattr(defaults, n)]:
         raise UserError(f"{', '.join(unread)} need --prompts-file")
     if args.prompts_file:

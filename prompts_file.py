@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
@@ -118,11 +119,34 @@ def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
     return out
 
 
+def job_metadata(job: Job, metadata: dict) -> dict:
+    """What the job's PNG records: the run's metadata and everything that decides the image."""
+    return {**metadata, "prompt": job.prompt, "prompt_2": job.prompt_2, "seed": job.seed, "steps": job.steps,
+            "guidance": job.guidance, "size": f"{job.width}x{job.height}", "lora": [list(p) for p in job.lora]}
+
+
+def already_written(path: str, metadata: dict) -> bool:
+    """The image is there, whole (it decodes), and its PNG text says it was made from this very job."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.text == {k: str(v) for k, v in metadata.items()}
+    except (OSError, SyntaxError, ValueError):  # missing, cut short or not a PNG: make it again
+        return False
+
+
 def generate_many(pipe: Pipeline, jobs: list[Job], batch_size: int, max_sequence_length: int, output_dir: str,
-                  metadata: dict) -> None:
-    """Every job, batch by batch, each image saved as soon as its batch is done; then a throughput line."""
+                  metadata: dict, overwrite: bool = False) -> None:
+    """Every job, batch by batch, each image saved as soon as its batch is done; then a throughput line. A rerun
+    into the same folder skips the images already written for the same job (unless `overwrite`), so a killed run
+    loses only the batch in flight."""
+    path = lambda job: os.path.join(output_dir, f"{job.index:04d}-{job.seed}.png")  # noqa: E731
+    todo = jobs if overwrite else [j for j in jobs if not already_written(path(j), job_metadata(j, metadata))]
+    if len(todo) < len(jobs):
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} images are already in {output_dir}: skipped (--overwrite "
+              "makes them again)")
     t0, build0, done = time.perf_counter(), pipe.build_s, 0
-    for batch in tqdm(batches(jobs, batch_size), desc="prompts", unit="batch"):
+    for batch in tqdm(batches(todo, batch_size), desc="prompts", unit="batch"):
         first = batch[0]
         if hasattr(pipe.transformer, "loras"):  # the batch's LoRAs, in place of the last batch's
             pipe.transformer.loras.apply(first.lora)
@@ -136,9 +160,7 @@ def generate_many(pipe: Pipeline, jobs: list[Job], batch_size: int, max_sequence
             continue
         os.makedirs(output_dir, exist_ok=True)  # with the first image: a run that fails before leaves no folder
         for job, image in zip(batch, images, strict=True):
-            save_png(image, os.path.join(output_dir, f"{job.index:04d}-{job.seed}.png"), {
-                **metadata, "prompt": job.prompt, "prompt_2": job.prompt_2, "seed": job.seed, "steps": job.steps,
-                "guidance": job.guidance, "size": f"{job.width}x{job.height}", "lora": [list(p) for p in job.lora]})
+            save_png(image, path(job), job_metadata(job, metadata))
             done += 1
     total, building = time.perf_counter() - t0, pipe.build_s - build0
     per_hour = 3600 * done / max(total - building, 1e-9)
@@ -194,7 +216,7 @@ def run_prompts_file(pipe: Pipeline, args) -> None:
                     guidance=cfg.default_guidance if args.guidance is None else args.guidance)
     jobs = read_prompts_file(args.prompts_file, defaults, 2 * pipe.vae_scale_factor, args.strict)
     generate_many(pipe, jobs, args.batch_size, args.max_sequence_length or cfg.max_sequence_length, args.output_dir,
-                  {"model": pipe.model_name, "random_weights": args.random_weights})
+                  {"model": pipe.model_name, "random_weights": args.random_weights}, args.overwrite)
     if pipe.is_main_rank:
         print(describe(pipe))
 

@@ -97,6 +97,7 @@ CASES = {
         ["{garbage}/transformer/diffusion_pytorch_model.safetensors"], OPT),
     "output-dir-without-prompts-file": Case(["--output-dir", "{tmp}/o"], ["--output-dir", "--prompts-file"], OPT),
     "strict-without-prompts-file": Case(["--strict"], ["--strict", "--prompts-file"], OPT),
+    "overwrite-without-prompts-file": Case(["--overwrite"], ["--overwrite", "--prompts-file"], OPT),
     "output-with-prompts-file": Case(["--prompts-file", "{tmp}/p.txt"], ["--output is not used with --prompts-file"],
                                      OPT),
     "runs-with-prompts-file": Case(["--prompts-file", "{tmp}/p.txt", "--output", "output.png", "--runs", "3"],

@@ -213,3 +213,28 @@ def test_offloaded_text_encoders_encode_the_same_and_stay_off_the_device(tiny_pi
     txt, pooled = opt.encode_prompt(plain, prompts, prompts, 32)
     txt_off, pooled_off = opt.encode_prompt(offloaded, prompts, prompts, 32)
     assert txt.std() > 0 and torch.equal(txt, txt_off) and torch.equal(pooled, pooled_off)
+
+
+def test_prompts_file_resumes_and_overwrite_redoes(tiny_pipeline_dir, tmp_path, capsys):
+    """A rerun into the same folder makes only what is missing, cut short, or from a changed line."""
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
+    prompts.write_text("a red cat\na blue dog\na tall tree\n")
+    args = ["--model", tiny_pipeline_dir, "--prompts-file", str(prompts), "--steps", "2", "--seed", "3",
+            "--height", "40", "--width", "56", "--output-dir", str(out), *TINY_ARGS]
+    assert opt.main(args) == 0
+    names = sorted(os.listdir(out))
+    assert names == ["0000-3.png", "0001-4.png", "0002-5.png"]
+    first = {n: read_png(out / n) for n in names}
+    stamps = {n: os.stat(out / n).st_mtime_ns for n in names}
+    data = (out / names[1]).read_bytes()
+    (out / names[1]).write_bytes(data[: len(data) // 2])  # cut short, as a full disk or a broken copy leaves it
+    prompts.write_text("a red cat\na blue dog\na tall oak tree\n")  # the third line changed
+    capsys.readouterr()
+    assert opt.main(args) == 0
+    stdout = capsys.readouterr().out
+    assert "1 of 3 images are already in" in stdout and "2 images in" in stdout
+    assert os.stat(out / names[0]).st_mtime_ns == stamps[names[0]]
+    assert np.array_equal(read_png(out / names[1]), first[names[1]])  # made again, the same image
+    assert Image.open(out / names[2]).text["prompt"] == "a tall oak tree"
+    assert opt.main([*args, "--overwrite"]) == 0
+    assert "3 images in" in capsys.readouterr().out
