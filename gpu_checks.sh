@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
 # Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [ttfi] [offload] [fp8-error] [batch] [parallel]
-#        [bench CONFIGS] [bench-old CONFIGS]
+#        [mixed] [sweep] [bench CONFIGS] [bench-old CONFIGS]
 # (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
 # counts of `parallel` (default "1 2 4"). `bench-old` runs ./old/benchmark.py: the code before a change, exported
 # there with `git archive REV | tar -x -C old` and carried, so that old and new rows share one call and one card.
@@ -18,6 +18,7 @@ steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(tests reference optimized)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
 python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)" | tee -a "$OUT/env.txt"
 status=0
+stamp() { python3 -u -c "import sys, time; t = time.time(); [print(f'{time.time() - t:6.1f} {l}', end='') for l in sys.stdin]"; }
 while [ ${#steps[@]} -gt 0 ]; do
   step=${steps[0]}; steps=("${steps[@]:1}")
   start=$(date +%s)
@@ -65,6 +66,53 @@ PY
         python3 benchmark.py --random-weights --configs opt+attention --batch-size $b --out-dir "$OUT/batch$b" 2>&1 \
           | tee "$OUT/batch$b.log" || status=1
       done ;;
+    mixed)  # issue 14: 9 prompts cycling 3 sizes, batch 1, cold (empty compile cache) then warm; VAE compiled or not
+      python3 - "$OUT/mixed.jsonl" <<'PY'
+import json, sys
+sizes = [(1024, 1024), (768, 1360), (1152, 896)]
+with open(sys.argv[1], "w") as f:
+    for i in range(9):
+        h, w = sizes[i % 3]
+        f.write(json.dumps({"prompt": f"prompt {i}: a lighthouse on a cliff, storm", "height": h, "width": w}) + "\n")
+PY
+      for vae in compiled eager; do
+        flag=(); [ $vae = eager ] && flag=(--no-compile-vae)
+        rm -rf /tmp/cc-mixed-$vae
+        for run in cold warm; do  # whole processes; every line stamped with the seconds since the process started
+          python3 optimized_inference.py --random-weights --prompts-file "$OUT/mixed.jsonl" "${flag[@]}" \
+            --output-dir /tmp/mixed-$vae-$run --compile-cache /tmp/cc-mixed-$vae 2>&1 | stamp | grep -v "it/s\]$" \
+            | tee "$OUT/mixed-$vae-$run.log" || status=1
+        done
+      done ;;
+    sweep)  # issue 14: steady state at 1024x1024 per batch size in one process per mode (dynamic bf16, static bf16,
+            # dynamic fp8); each batch size warmed up with a 2-step request (same shapes), then timed
+      for mode in "none dynamic 1,2,4,8,16" "none static 1" "fp8 dynamic 1,2,4,8"; do
+        python3 - $mode <<'PY' 2>&1 | grep -v "it/s\]$" | tee -a "$OUT/sweep.log" || status=1
+import dataclasses, json, sys, time, torch
+import optimized_inference as oi
+quantize, shapes, batches = sys.argv[1], sys.argv[2], [int(b) for b in sys.argv[3].split(",")]
+opts = oi.effective_options(oi.Options(text_buckets=False, quantize=quantize, dynamic_shapes=shapes == "dynamic"),
+                            torch.device("cuda"))
+torch._dynamo.config.recompile_limit = 32
+pipe = oi.load_pipeline("black-forest-labs/FLUX.1-dev", "cuda", torch.bfloat16, opts, random_weights=True)
+for b in batches:
+    req = lambda steps: oi.Request(["a fox in snow"] * b, ["a fox in snow"] * b, 1024, 1024, steps, 3.5,
+                                   list(range(b)), 512)
+    t0 = time.perf_counter()
+    oi.generate(pipe, req(2), oi.Timer(pipe.device))
+    oi.sync(pipe.device)
+    warm = time.perf_counter() - t0
+    _, per_run, _ = oi.timed_runs(pipe, req(28), 0, 2 if b <= 2 else 1)
+    s = oi.summarize(per_run, warm, pipe.device)
+    print(json.dumps({"quantize": quantize, "shapes": shapes, "batch": b, "warmup_s": round(warm, 1),
+                      **{k: round(s[k]["median"], 3) for k in ("denoiser", "vae", "end_to_end")},
+                      "s_per_image": round(s["end_to_end"]["median"] / b, 3),
+                      "images_per_hour": round(3600 * b / s["end_to_end"]["median"]),
+                      "peak_GiB": round(s["peak_mem_GiB"], 1)}))
+print(oi.describe(pipe))
+PY
+      done
+      grep '^{' "$OUT/sweep.log" ;;
     bench|bench-old) configs=${steps[0]}; steps=("${steps[@]:1}"); dir=.; [ "$step" = bench-old ] && dir=old
            python3 $dir/benchmark.py --random-weights --configs "$configs" --out-dir "$OUT/$step" 2>&1 \
              | tee "$OUT/$step.log" || status=1 ;;
@@ -73,6 +121,7 @@ PY
   echo "== $step: $(( $(date +%s) - start ))s"
 done
 for f in "$OUT"/bench/results.md "$OUT"/bench-old/results.md; do [ -f "$f" ] && { echo "$f"; grep '^|' "$f"; }; done
+for f in "$OUT"/mixed-*.log; do [ -f "$f" ] && { echo "$f"; grep -E "models loaded|first batch in|images in" "$f"; }; done
 for f in "$OUT"/reference.json "$OUT"/optimized.json "$OUT"/offload.json "$OUT"/fp8-error.json "$OUT"/cp*.json; do
   [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], *(f'{k}={d[k][\"median\"]:.3f}s' for k in ('text_encoders','denoiser','vae','end_to_end')), f'warmup={d[\"warmup_s\"]:.1f}s peak={d.get(\"peak_mem_GiB\",0):.1f}GiB')" "$f"
 done

@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 
@@ -151,15 +152,21 @@ class Options:
         "fp8's GELU + amax + cast kernel was bound by tanh: 341 -> 232 us (run 16); neutral in bf16", False)
     euler_in_graph: bool = optimization("the Euler update inside the graphed step (`euler_step`)",
                                         "no separate kernels or host work per step")
-    compile: bool = optimization("torch.compile of the transformer and the VAE decoder (`optimize`)",
+    compile: bool = optimization("torch.compile of the transformer (`optimize`)",
                                  "fuses norms, modulation, RoPE, GELU and residuals into few kernels", False)
     regional_compile: bool = optimization(
         "compile per block (`compile_blocks`): one graph for the 19 double blocks, one for the 38 single ones",
         "50 s warm-up instead of 178 s for the whole step as one graph, 1.8% slower (run 8)")
+    dynamic_shapes: bool = optimization(
+        "compiled once for every size, T5 length and batch above 1 (`compile_blocks`); each shape captures its graph",
+        "a new resolution costs a CUDA graph capture, ~1 s, instead of a compile")
     fp8_unsplit_reductions: bool = optimization("with --quantize fp8: no split reductions (`compile_options`)",
                                                 "each per-token amax fuses with its cast: -83 ms (run 13)")
     cuda_graphs: bool = optimization("the step captured once per shape as a CUDA graph (`CUDAGraphStep`)",
                                      "no per-kernel launch cost, no CPU in the loop")
+    compile_vae: bool = optimization("torch.compile of the VAE decoder (dynamic shapes as the transformer's)",
+                                     "with channels-last: 0.107 -> 0.059 s per 1024x1024 image (run 1); ~35 s to "
+                                     "compile (run 10)")
     channels_last_vae: bool = optimization("VAE decoder in channels_last", "its convolutions run faster in NHWC",
                                            False)
     uint8_on_gpu: bool = optimization("decoded pixels rounded to uint8 on the GPU",
@@ -551,11 +558,13 @@ class Flux(nn.Module):
         rope_dtype = dtype if self.opts.bf16_rope else torch.float32
         cos, sin = rope(torch.cat([txt_ids, img_ids]), self.cfg.axes_dims_rope, self.cfg.rope_theta, rope_dtype,
                         self.opts.rope_halves)
-        return {"txt": self.context_embedder(txt), "mods": mods, "cos": cos, "sin": sin}
+        return {"txt": self.context_embedder(txt).clone(), "mods": mods, "cos": cos, "sin": sin}  # clone: forward
 
     def forward(self, img, txt, mods, cos, sin) -> torch.Tensor:
         """Velocity for packed latents img [B, L_img, C*4], given the output of condition() for this step."""
-        img, pe = self.x_embedder(img), (cos, sin)  # [B, L_img, hidden]
+        # A tensor of its own, not the matmul's view of one: with dynamic shapes dynamo guards on a view's base, and
+        # the first block would compile graphs of its own for that (a 25 MB copy per step at 1024x1024).
+        img, pe = self.x_embedder(img).clone(), (cos, sin)  # [B, L_img, hidden]
         dim, n_double = self.cfg.hidden_size, len(self.transformer_blocks)
         # Per double block [image 6 dim | text 6 dim], per single block 3 dim, then the final norm's 2 dim.
         mods = mods.split([12 * dim] * n_double + [3 * dim] * len(self.single_transformer_blocks) + [2 * dim], dim=-1)
@@ -765,7 +774,6 @@ class Pipeline:
     opts: Options
     steps: OrderedDict = field(default_factory=OrderedDict)  # (latent, text shape) -> step, least recent first
     max_steps: int = 8  # --max-graphs
-    build_s: float = 0.0  # time spent compiling and capturing steps so far
     seen: dict = field(default_factory=dict)  # what the last request's code paths did, for describe()
     bf16_transformer: nn.Module | None = None  # --compare-bf16: the model the fp8 one was quantized from
     group: object = None  # under torchrun: the ranks sharing each image (context_parallel.py)
@@ -881,11 +889,23 @@ def optimize(transformer: Flux, vae: nn.Module, opts: Options) -> Flux | None:
     if opts.channels_last_vae:  # the decoder's convolutions run faster in NHWC
         vae.to(memory_format=torch.channels_last)
     if opts.compile:  # fuses the elementwise work around the matmuls into few kernels
+        # Dynamic shapes: sizes that happen to be equal (a 128-token text and head_dim, say) get separate symbols,
+        # else one guard ties them and the next size recompiles.
+        torch.fx.experimental._config.use_duck_shape = not opts.dynamic_shapes
+        if opts.regional_compile:  # else the whole step is compiled, in step_function
+            compile_blocks(transformer, compile_options(opts), opts.dynamic_shapes)
+    if opts.compile and opts.compile_vae:
         torch._inductor.config.conv_1x1_as_mm = True  # the VAE's 1x1 convolutions as matmuls
-        vae.decode = torch.compile(vae.decode, fullgraph=True)
-        if opts.regional_compile:  # else the whole step is compiled per shape, in step_function
-            compile_blocks(transformer, compile_options(opts))
+        quiet_compile_warnings()
+        vae.decode = torch.compile(vae.decode, fullgraph=True, dynamic=opts.dynamic_shapes)
     return bf16
+
+
+def quiet_compile_warnings() -> None:
+    """diffusers' upsampler calls an lru_cache-wrapped version check that dynamo traces through, with a multi-line
+    warning per compile that the user cannot act on; only that warning is silenced."""
+    warnings.filterwarnings("ignore", category=UserWarning, message=re.escape(
+        "Dynamo detected a call to a `functools.lru_cache`-wrapped function at 'upsampling.py"))
 
 
 def compile_options(opts: Options) -> dict:
@@ -905,12 +925,15 @@ def compile_options(opts: Options) -> dict:
     return options
 
 
-def compile_blocks(model: Flux, options: dict | None = None) -> None:
+def compile_blocks(model: Flux, options: dict | None = None, dynamic: bool = False) -> None:
     """Regional compilation: dynamo reuses a compiled graph for every module of the same structure and shapes (the
     weights are graph inputs), so the 19 double blocks share one graph and the 38 single blocks another. The few ops
-    between blocks run eagerly inside the CUDA graph; what is lost is fusion across block boundaries."""
+    between blocks run eagerly inside the CUDA graph; what is lost is fusion across block boundaries.
+
+    dynamic: token counts and batch are symbols in the graphs, so any size reuses them (batch 1 gets graphs of its
+    own: dynamo specializes sizes 0 and 1). Else each new shape compiles new graphs."""
     for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
-        block.compile(fullgraph=True, dynamic=False, options=options)
+        block.compile(fullgraph=True, dynamic=dynamic, options=options)
     model.compile_options = options or {}  # what the blocks were compiled with, for describe()
 
 
@@ -940,6 +963,10 @@ def describe(pipe: Pipeline) -> str:
     compiled = f"{blocks} blocks" if blocks else "whole step" if seen.get("whole_step_compiled") else "off"
     if blocks and model.compile_options:
         compiled += f" ({', '.join(f'{k}={v}' for k, v in model.compile_options.items())})"
+    # Graphs dynamo holds for the block kinds (or the whole step), against the step shapes this process ran.
+    graphs = sum(len(torch._dynamo.eval_frame._debug_get_cache_entry_list(f)) for f in (
+        DoubleStreamBlock.forward, SingleStreamBlock.forward, euler_step, velocity))
+    inductor = torch._dynamo.utils.counters["inductor"]
     rope_dtype = seen.get("rope_dtype")
     if "per_step_inputs" in seen:  # --no-precompute: the tables are made inside the step; make them once more here
         with torch.no_grad():
@@ -951,7 +978,9 @@ def describe(pipe: Pipeline) -> str:
         "rope": rope_dtype, "rope over head halves": count(lambda m: getattr(m, "halves", False)),
         "rope per stream": count(lambda m: getattr(m, "per_stream", False)), "attention": " + ".join(sorted(attends)),
         "sigmoid gelu": count(lambda m: getattr(m, "act", None) is gelu_tanh), "step": seen.get("step"),
-        "compile": compiled, "vae compiled": hasattr(pipe.vae.decode, "_torchdynamo_orig_callable"),
+        "compile": compiled, "compiled graphs": f"{graphs} for {len(seen.get('shapes', ()))} step shapes",
+        "compile cache hits/misses": f"{inductor['fxgraph_cache_hit']}/{inductor['fxgraph_cache_miss']}",
+        "vae compiled": hasattr(pipe.vae.decode, "_torchdynamo_orig_callable"),
         "cuda graphs": sum(isinstance(s, CUDAGraphStep) for s in pipe.steps.values()),
         "channels-last vae": next(pipe.vae.parameters()).is_contiguous(memory_format=torch.channels_last),
         "uint8 on": seen.get("uint8_on"), "lora layers": len(model.loras.touched) if hasattr(model, "loras") else 0,
@@ -1044,6 +1073,7 @@ def step_function(pipe: Pipeline, x: torch.Tensor, dt: torch.Tensor, cond: dict)
     """The compiled and graphed step for this input shape: built on first use, then reused across requests."""
     opts = pipe.opts
     key = (tuple(x.shape), tuple(cond["txt"].shape))
+    pipe.seen.setdefault("shapes", set()).add(key)
     if key in pipe.steps:
         pipe.steps.move_to_end(key)
     else:
@@ -1054,16 +1084,17 @@ def step_function(pipe: Pipeline, x: torch.Tensor, dt: torch.Tensor, cond: dict)
         fn = functools.partial(euler_step if opts.euler_in_graph else velocity, pipe.transformer)
         pipe.seen["step"] = fn.func.__name__
         if opts.compile and not opts.regional_compile:  # else its blocks are compiled already (compile_blocks)
-            fn = torch.compile(fn, fullgraph=True, dynamic=False, options=compile_options(opts))
+            fn = torch.compile(fn, fullgraph=True, dynamic=opts.dynamic_shapes, options=compile_options(opts))
             pipe.seen["whole_step_compiled"] = True
         args = (x, dt, cond) if opts.euler_in_graph else (x, cond)
-        t0 = time.perf_counter()
+        t0, graphs = time.perf_counter(), torch._dynamo.utils.counters["stats"]["unique_graphs"]
         pipe.steps[key] = CUDAGraphStep(fn, *args) if opts.cuda_graphs else fn
         if opts.cuda_graphs:  # warm-up and capture ran just now (without graphs, compilation waits for step 1)
             sync(pipe.device)
-            pipe.build_s += time.perf_counter() - t0
+            compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
             print(f"step for latents {tuple(x.shape)}, text {tuple(cond['txt'].shape)}: "
-                  f"{'compiled and ' * opts.compile}captured as a CUDA graph in {time.perf_counter() - t0:.1f}s")
+                  f"{f'{compiled} graphs compiled, ' if compiled else ''}captured as a CUDA graph in "
+                  f"{time.perf_counter() - t0:.1f}s")
     return pipe.steps[key]
 
 
@@ -1403,17 +1434,20 @@ def main(argv=None) -> int:
             loras = lora_options(args)
         opts = effective_options(Options(**{**{f.name: getattr(args, f.name) for f in fields(Options) if "lora" not in
                                                f.name}, **loras}), torch.device(args.device))
-        if opts.compile:  # one compiled graph per shape and kind of block (double/single, bf16/fp8)
+        if opts.compile:  # --no-dynamic-shapes: a graph per shape and kind of block (double/single, bf16/fp8)
             torch._dynamo.config.recompile_limit = max(8, 4 * args.max_graphs)
         if opts.compile and args.compile_cache is not None:
             from prompts_file import use_compile_cache
 
             use_compile_cache(args.compile_cache)
+        t0 = time.perf_counter()
         pipe = load_pipeline(args.model, args.device, dtype, opts, args.random_weights, args.text_encoders_from,
                              args.offload_text_encoders)
         pipe.max_steps = args.max_graphs
         if group is not None:
             context_parallel.enable_context_parallel(pipe, group)
+        if pipe.is_main_rank:  # what a warm start cannot skip (the compile cache helps with what comes after)
+            print(f"models loaded in {time.perf_counter() - t0:.1f}s")
         if args.prompts_file:
             from prompts_file import run_prompts_file
 

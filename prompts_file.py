@@ -145,9 +145,9 @@ def generate_many(pipe: Pipeline, jobs: list[Job], batch_size: int, max_sequence
     if len(todo) < len(jobs):
         print(f"{len(jobs) - len(todo)} of {len(jobs)} images are already in {output_dir}: skipped (--overwrite "
               "makes them again)")
-    t0, build0, done = time.perf_counter(), pipe.build_s, 0
+    done = []  # (shape, images, seconds) per batch
     for batch in tqdm(batches(todo, batch_size), desc="prompts", unit="batch"):
-        first = batch[0]
+        t0, first = time.perf_counter(), batch[0]
         if hasattr(pipe.transformer, "loras"):  # the batch's LoRAs, in place of the last batch's
             pipe.transformer.loras.apply(first.lora)
         req = Request([j.prompt for j in batch], [j.prompt_2 for j in batch], first.height, first.width, first.steps,
@@ -161,11 +161,32 @@ def generate_many(pipe: Pipeline, jobs: list[Job], batch_size: int, max_sequence
         os.makedirs(output_dir, exist_ok=True)  # with the first image: a run that fails before leaves no folder
         for job, image in zip(batch, images, strict=True):
             save_png(image, path(job), job_metadata(job, metadata))
-            done += 1
-    total, building = time.perf_counter() - t0, pipe.build_s - build0
-    per_hour = 3600 * done / max(total - building, 1e-9)
-    print(f"{done} images in {total:.1f}s ({building:.1f}s of it compiling and capturing new shapes): "
-          f"{per_hour:.0f} images/hour after warm-up; written to {output_dir}")
+        shape = (len(batch), first.height, first.width, pipe.seen["t5_tokens"])
+        if all(shape != d[0] for d in done):
+            tqdm.write(f"{first.width}x{first.height}, batch {len(batch)}, {shape[3]} T5 tokens: first batch in "
+                       f"{time.perf_counter() - t0:.1f}s")
+        done.append((shape, len(batch), time.perf_counter() - t0))
+    if done:
+        print(f"{throughput(done)}; written to {output_dir}")
+
+
+def throughput(done: list[tuple[tuple, int, float]]) -> str:
+    """The throughput line from (shape, images, seconds) per batch: the first batch of each shape (batch size, size,
+    T5 length) carries that shape's compile and capture, the VAE's included, and is counted as warm-up; images/hour
+    is the rate of the batches after it, the steady state."""
+    seen, warmup_s, steady = set(), 0.0, [0, 0.0]
+    for shape, images, seconds in done:
+        if shape in seen:
+            steady[0] += images
+            steady[1] += seconds
+        else:
+            seen.add(shape)
+            warmup_s += seconds
+    line = (f"{sum(d[1] for d in done)} images in {warmup_s + steady[1]:.1f}s: warm-up {warmup_s:.1f}s (the first "
+            f"batch of each of {len(seen)} shapes, with compile and capture)")
+    if not steady[0]:
+        return line + ", no shape repeated, so no steady-state rate"
+    return line + f", then {steady[0]} images at {3600 * steady[0] / steady[1]:.0f} images/hour"
 
 
 # What a single --prompt run reads and a prompts file does not: given with --prompts-file, refused, not ignored.

@@ -7,6 +7,8 @@ on the CPU catches that here, without a GPU, and checks inductor's fused code ag
 import copy
 import dataclasses
 import functools
+import json
+import warnings
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ from torch._dynamo.utils import counters
 
 import fp8
 import optimized_inference as opt
+import prompts_file
+from tests.helpers import max_pixel_diff, read_png
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +87,48 @@ def test_compile_options_per_mode(tiny):
     model = copy.deepcopy(tiny.transformer)
     opt.compile_blocks(model, opt.compile_options(fp8_opts))
     assert "compile=4 blocks (split_reductions=False)," in opt.describe(dataclasses.replace(tiny, transformer=model))
+
+
+@torch.no_grad()
+def test_three_sizes_compile_the_blocks_once(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """Dynamic shapes: a prompts file over three sizes compiles one graph per block kind, and its images are the
+    images of three single-prompt runs of the eager model."""
+    opts = opt.effective_options(opt.Options(text_buckets=False), torch.device("cpu"))
+    pipe = opt.load_pipeline(tiny_pipeline_dir, "cpu", torch.float32, opts)
+    sizes = [(40, 56), (64, 32), (48, 48)]  # 35, 32 and 36 image tokens
+    defaults = dict(prompt_2=None, seed=3, height=40, width=56, lora=(), steps=2, guidance=3.5)
+    jobs = [prompts_file.parse_job(json.dumps({"prompt": f"a red cat {i}", "height": h, "width": w}), i, defaults, 8)
+            for i, (h, w) in enumerate(sizes)]
+    alone = [opt.generate(pipe, opt.Request([j.prompt], [j.prompt], j.height, j.width, j.steps, j.guidance, [j.seed],
+                                            16), opt.Timer(pipe.device))[0] for j in jobs]
+    monkeypatch.setattr(torch.fx.experimental._config, "use_duck_shape", True)  # optimize() sets it: restore after
+    torch._dynamo.reset()
+    counters.clear()
+    opt.optimize(pipe.transformer, pipe.vae, dataclasses.replace(opts, compile=True, compile_vae=False))
+    prompts_file.generate_many(pipe, jobs, 1, 16, str(tmp_path), {})
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert "compiled graphs=2 for 3 step shapes" in opt.describe(pipe)
+    for job, image in zip(jobs, alone, strict=True):
+        assert max_pixel_diff(read_png(tmp_path / f"{job.index:04d}-{job.seed}.png"), image) <= 1
+
+
+def test_vae_upsampler_warning_is_silenced(recwarn):
+    """The one dynamo warning diffusers' bf16 upsampler raises on every compile: seen without the filter, not with it
+    (the same compile, twice, with dynamo's warn-once memory cleared in between)."""
+    from diffusers.models.upsampling import Upsample2D
+
+    up = Upsample2D(4, use_conv=True).to(torch.bfloat16)
+    x = torch.randn(1, 4, 6, 6, dtype=torch.bfloat16)
+
+    def lru_warnings(quiet: bool) -> list[str]:
+        torch._dynamo.reset()
+        torch._dynamo.utils.warn_once_cache.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if quiet:
+                opt.quiet_compile_warnings()
+            torch.compile(up, backend="eager")(x)
+        return [str(w.message) for w in caught if "lru_cache" in str(w.message)]
+
+    assert any("upsampling.py" in m for m in lru_warnings(quiet=False))
+    assert lru_warnings(quiet=True) == []

@@ -64,6 +64,16 @@ def test_batches_group_consecutive_jobs_of_one_shape():
     assert [len(b) for b in prompts_file.batches(jobs, 1)] == [1] * 6
 
 
+def test_throughput_counts_each_shapes_first_batch_as_warm_up():
+    one, two = (1, 1024, 1024, 512), (1, 768, 1360, 512)
+    line = prompts_file.throughput([(one, 1, 40.0), (one, 1, 4.0), (two, 1, 9.0), (one, 1, 4.0), (two, 1, 4.0)])
+    assert line.startswith("5 images in 61.0s: warm-up 49.0s (the first batch of each of 2 shapes")
+    assert line.endswith("then 3 images at 900 images/hour")  # 3 images in 12 s
+    assert "no steady-state rate" in prompts_file.throughput([(one, 1, 40.0), (two, 1, 9.0)])
+    assert prompts_file.throughput([((2, 64, 64, 128), 2, 30.0), ((2, 64, 64, 128), 2, 2.0)]).endswith(
+        "then 2 images at 3600 images/hour")
+
+
 def test_prompts_file_batched_equals_one_by_one(tiny_pipeline_dir, tmp_path, capsys):
     """Images from a batched forward are the images each prompt and seed gives alone; bad lines are skipped."""
     prompts = tmp_path / "prompts.txt"
@@ -73,7 +83,7 @@ def test_prompts_file_batched_equals_one_by_one(tiny_pipeline_dir, tmp_path, cap
             "--height", "40", "--width", "56", *TINY_ARGS]
     assert opt.main([*args, "--batch-size", "2", "--output-dir", str(tmp_path / "b2")]) == 0
     out = capsys.readouterr()
-    assert ":3: width must be a multiple of 8" in out.err and "3 images in" in out.out and "images/hour" in out.out
+    assert ":3: width must be a multiple of 8" in out.err and "3 images in" in out.out and "2 shapes" in out.out
     assert sorted(os.listdir(tmp_path / "b2")) == ["0000-3.png", "0001-5.png", "0002-5.png"]
     for name in ("0000-3.png", "0001-5.png"):
         alone = tmp_path / f"alone-{name}"
