@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
 # Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [ttfi] [offload] [fp8-error] [batch] [parallel]
-#        [mixed] [sweep] [bench CONFIGS] [bench-old CONFIGS]
+#        [mixed] [sweep] [startup] [bench CONFIGS] [bench-old CONFIGS]
 # (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
 # counts of `parallel` (default "1 2 4"). `bench-old` runs ./old/benchmark.py: the code before a change, exported
 # there with `git archive REV | tar -x -C old` and carried, so that old and new rows share one call and one card.
@@ -76,7 +76,7 @@ with open(sys.argv[1], "w") as f:
         f.write(json.dumps({"prompt": f"prompt {i}: a lighthouse on a cliff, storm", "height": h, "width": w}) + "\n")
 PY
       for vae in compiled eager; do
-        flag=(); [ $vae = eager ] && flag=(--no-compile-vae)
+        flag=(); [ $vae = compiled ] && flag=(--compile-vae)
         rm -rf /tmp/cc-mixed-$vae
         for run in cold warm; do  # whole processes; every line stamped with the seconds since the process started
           python3 optimized_inference.py --random-weights --prompts-file "$OUT/mixed.jsonl" "${flag[@]}" \
@@ -113,6 +113,28 @@ print(oi.describe(pipe))
 PY
       done
       grep '^{' "$OUT/sweep.log" ;;
+    startup)  # issue 14: where a warm start's time goes: imports, CUDA, model build, then dynamo per phase
+      python3 - <<'PY' 2>&1 | tee "$OUT/startup.log"
+import time
+t = time.time()
+def lap(what):
+    global t
+    print(f"{what}: {time.time() - t:.2f}s", flush=True)
+    t = time.time()
+import torch; lap("import torch")
+import optimized_inference as oi; lap("import optimized_inference")
+torch.zeros(1, device="cuda"); lap("CUDA context")
+import torch._dynamo; lap("import torch._dynamo")
+from diffusers import AutoencoderKL; lap("from diffusers import AutoencoderKL")
+from transformers import CLIPTextModel, T5EncoderModel; lap("from transformers import CLIPTextModel, T5EncoderModel")
+opts = oi.effective_options(oi.Options(), torch.device("cuda"))
+pipe = oi.load_pipeline("black-forest-labs/FLUX.1-dev", "cuda", torch.bfloat16, opts, random_weights=True)
+lap("load_pipeline (random weights)")
+oi.generate(pipe, oi.Request(["a fox"], ["a fox"], 1024, 1024, 28, 3.5, [0], 512), oi.Timer(pipe.device))
+oi.sync(pipe.device); lap("first image (cache warm from run 25's prompts: the 1024x1024 graph)")
+print(torch._dynamo.utils.compile_times())
+PY
+      ;;
     bench|bench-old) configs=${steps[0]}; steps=("${steps[@]:1}"); dir=.; [ "$step" = bench-old ] && dir=old
            python3 $dir/benchmark.py --random-weights --configs "$configs" --out-dir "$OUT/$step" 2>&1 \
              | tee "$OUT/$step.log" || status=1 ;;

@@ -104,7 +104,7 @@ def test_three_sizes_compile_the_blocks_once(tiny_pipeline_dir, tmp_path, monkey
     monkeypatch.setattr(torch.fx.experimental._config, "use_duck_shape", True)  # optimize() sets it: restore after
     torch._dynamo.reset()
     counters.clear()
-    opt.optimize(pipe.transformer, pipe.vae, dataclasses.replace(opts, compile=True, compile_vae=False))
+    opt.optimize(pipe.transformer, pipe.vae, dataclasses.replace(opts, compile=True))
     prompts_file.generate_many(pipe, jobs, 1, 16, str(tmp_path), {})
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     assert "compiled graphs=2 for 3 step shapes" in opt.describe(pipe)
