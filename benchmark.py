@@ -314,8 +314,6 @@ def run_peer(args) -> int:
     from diffusers import FluxPipeline
 
     peer = peers.PEERS.get(args.worker)
-    if peer is not None:  # a missing package fails the row before the minute spent building the model
-        peers.require(peer.package)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.random_weights:
         pipe = random_flux_pipeline(device, dtype)
@@ -378,6 +376,11 @@ def last_line(path: str, start: int) -> str:
 def run_row(name: str, row: Row, args) -> dict:
     """Run one configuration in a fresh process: its timings JSON, or None and why it failed."""
     log_path = os.path.join(args.out_dir, f"{name}.log")
+    missing = row.package and peers.not_installed(row.package)
+    if missing:  # failed at once, not after the minute its process would spend building the model
+        with open(log_path, "w") as log:
+            print(missing, file=log)
+        return {"command": None, "log": log_path, "wall_s": 0.0, "timings": None, "error": missing}
     with tempfile.TemporaryDirectory(prefix="flux-benchmark-") as scratch:
         cmd = row_command(row, args, scratch)
         env = {

@@ -52,11 +52,11 @@ def package_version(package: str) -> str | None:
         return None
 
 
-def require(package: str) -> None:
-    """Fail the row at once, with a line that says what to install, when its package is missing."""
-    if package_version(package) is None:
-        raise ModuleNotFoundError(f"{package} is not installed: pip install -r requirements-peers.txt "
-                                  "(offline: README, Peers)")
+def not_installed(package: str) -> str | None:
+    """The error of a row whose package is missing, saying what to install; None when it is installed."""
+    if package_version(package) is not None:
+        return None
+    return f"{package} is not installed: pip install --no-deps -r requirements-peers.txt (offline: README, Peers)"
 
 
 def init_single_process_group(device: torch.device) -> None:
