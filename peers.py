@@ -10,11 +10,14 @@ its setup step on that pipeline, as the peer's own documentation configures FLUX
                      parallelize_pipe + parallelize_vae on a context-parallel mesh (one process here; under
                      torchrun, one per GPU), torch.compile(mode="max-autotune-no-cudagraphs") of the transformer
   para-attn-fbcache  lossy: the same plus First Block Cache at the doc's FLUX threshold, residual_diff_threshold=0.08
+                     (fails with diffusers 0.42: ParaAttention 0.3.38 calls FLUX's single blocks without the
+                     encoder_hidden_states argument diffusers has since added; the row reports it)
   cache-dit          cache-dit 1.5.3's examples with --compile and no --cache (cache_dit/_utils/utils.py):
                      set_compile_configs(), then compile_repeated_blocks() of the transformer
   cache-dit-dbcache  lossy: the same plus the examples' --cache --taylorseer: DBCache F1B0, threshold 0.12, 8 warm-up
                      steps, at most 3 cached steps in a row, TaylorSeer order 1
 
+One shim: ParaAttention 0.3.38's attention functions are given diffusers 0.42's enable_gqa=False (without_enable_gqa).
 fp8 rows of the peers are not here: ParaAttention's and cache-dit's fp8 go through torchao, not on the GPU image.
 xDiT's one-GPU lossy option for FLUX (--cache_method dbcache) runs cache-dit's DBCache engine, measured by
 cache-dit-dbcache. The packages are optional (requirements-peers.txt); this module imports each only in its setup.
