@@ -1,5 +1,6 @@
-"""benchmark.py's peer rows (peers.py): lossy rows labeled everywhere, a missing peer a failed row, and CPU smoke runs
-of the peers that run on the CPU (ParaAttention, cache-dit; xDiT needs triton and a GPU)."""
+"""benchmark.py's peer rows (peers.py): lossy rows labeled everywhere, a missing peer a failed row, the lossless peers
+bit for bit diffusers' latents, and a CPU smoke run of a peer row (ParaAttention and cache-dit run on the CPU; xDiT
+needs triton and a GPU)."""
 
 import json
 import math
@@ -54,21 +55,54 @@ def test_lossy_rows_are_labeled_and_a_missing_peer_is_a_failed_row(tiny_pipeline
     assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
 
 
-@pytest.mark.parametrize("name", ["para-attn", "cache-dit-dbcache"])
-def test_peer_runs_on_the_cpu_tiny_pipeline(name, tiny_pipeline_dir, tmp_path):
-    """The peer's setup on the worker's pipeline, run as benchmark.py runs the row (compile stubbed out, above).
-    cache-dit-dbcache is cache-dit's row plus the cache, so it covers both. para-attn-fbcache fails with diffusers
-    0.42: ParaAttention 0.3.38's First Block Cache calls FLUX's single blocks without encoder_hidden_states, an
-    argument diffusers has since added; its row reports that error."""
-    pytest.importorskip(peers.PEERS[name].package.replace("-", "_"))
-    args = benchmark.parse_args(["--smoke", "--model", tiny_pipeline_dir, "--out-dir", str(tmp_path)])
-    cmd = benchmark.row_command(benchmark.ROWS[name], args, str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", f"{EAGER}; import runpy, sys; sys.argv = sys.argv[1:]; "
-                           "runpy.run_path(sys.argv[0], run_name='__main__')", *cmd[1:]],
+def run_eager(code: str, *argv: str) -> subprocess.CompletedProcess:
+    """Python code in a process of its own (the peers patch diffusers' classes), torch.compile stubbed out."""
+    return subprocess.run([sys.executable, "-c", f"{EAGER}\n{code}", *argv], cwd=benchmark.REPO_DIR,
                           capture_output=True, text=True, timeout=120)
+
+
+# Diffusers' latents, then the same pipeline's after the peer's setup; the seeds and request are the --smoke ones.
+LOSSLESS = """
+import sys, torch, benchmark, peers
+from diffusers import FluxPipeline
+from single_file_inference import Timer
+args = benchmark.parse_args(["--smoke", "--model", sys.argv[1]])
+pipe = FluxPipeline.from_pretrained(args.model)
+pipe.set_progress_bar_config(disable=True)
+diffusers_latents = benchmark.peer_generate(pipe, args, Timer(torch.device("cpu")))
+before_request = peers.PEERS[sys.argv[2]].setup(pipe, args)
+latents = benchmark.peer_generate(pipe, args, Timer(torch.device("cpu")), before_request)
+print("max abs difference", (latents - diffusers_latents).abs().max().item())
+# That the setup took: ParaAttention marks the transformer it parallelized, cache-dit compiles each block.
+blocks = pipe.transformer.transformer_blocks
+print("applied", getattr(pipe.transformer, "_is_parallelized", False)
+      or all(block._compiled_call_impl is not None for block in blocks))
+"""
+
+
+@pytest.mark.parametrize("name", ["para-attn", "cache-dit"])
+def test_a_lossless_peer_gives_diffusers_latents_on_the_cpu(name, tiny_pipeline_dir):
+    """Eager float32 on the tiny pipeline: the peer's setup (ParaAttention's mesh and attention mode with
+    peers.without_enable_gqa; cache-dit's compile settings) leaves diffusers' numbers bit for bit."""
+    pytest.importorskip(peers.PEERS[name].package.replace("-", "_"))
+    proc = run_eager(LOSSLESS, tiny_pipeline_dir, name)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "max abs difference 0.0\napplied True" in proc.stdout
+
+
+def test_a_peer_row_runs_on_the_cpu_tiny_pipeline(tiny_pipeline_dir, tmp_path):
+    """cache-dit-dbcache (cache-dit's row plus its cache) run as benchmark.py runs a row. para-attn-fbcache fails with
+    diffusers 0.42: ParaAttention 0.3.38's First Block Cache calls FLUX's single blocks without encoder_hidden_states,
+    an argument diffusers has since added; its row reports that error. xDiT needs a GPU (xfuser imports triton, and
+    its process group has no CPU backend)."""
+    row = benchmark.ROWS["cache-dit-dbcache"]
+    pytest.importorskip("cache_dit")
+    args = benchmark.parse_args(["--smoke", "--model", tiny_pipeline_dir, "--out-dir", str(tmp_path)])
+    cmd = benchmark.row_command(row, args, str(tmp_path))
+    proc = run_eager("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+                     *cmd[1:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     timings = json.loads((tmp_path / "timings.json").read_text())
     assert len(timings["runs"]) == benchmark.SMOKE["runs"]
     for stage in benchmark.STAGES:
         assert 0 < timings[stage]["median"] < math.inf
-
