@@ -28,30 +28,30 @@ def test_every_peer_row_runs_a_peer_and_every_lossy_row_sits_with_our_fp8_ones()
 
 
 def test_lossy_rows_are_labeled_and_a_missing_peer_is_a_failed_row(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(benchmark.ROWS, "lossy-reference", benchmark.Row("single_file_inference.py", lossy=True))
-    monkeypatch.setitem(benchmark.ROWS, "absent-peer",
-                        benchmark.Row(benchmark.SCRIPT, ("--worker", "xdit"), package="no-such-peer-pkg"))
+    """Two peers that are not installed, one lossy: failed at once (no process), each labeled as it should be."""
+    for name, lossy in (("absent-lossy", True), ("absent", False)):
+        monkeypatch.setitem(benchmark.ROWS, name, benchmark.Row(benchmark.SCRIPT, ("--worker", "xdit"), lossy=lossy,
+                                                                package=f"no-such-{name}-pkg"))
     # The lossy row first, to see that the table still puts it below the lossless one.
-    status = benchmark.main(["--smoke", "--model", tiny_pipeline_dir, "--configs", "lossy-reference,absent-peer",
+    status = benchmark.main(["--smoke", "--model", tiny_pipeline_dir, "--configs", "absent-lossy,absent",
                              "--out-dir", str(tmp_path)])
     assert status == 1
-    assert "FAILED: no-such-peer-pkg is not installed" in capsys.readouterr().out
+    assert "FAILED: no-such-absent-pkg is not installed" in capsys.readouterr().out
 
     rows = {r["config"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
-    assert list(rows) == ["lossy-reference", "absent-peer"]  # the failed row is there, not missing
-    absent = rows["absent-peer"]
-    assert absent["status"] == "failed" and absent["denoiser"] is None
-    assert absent["error"].startswith("no-such-peer-pkg is not installed: pip install")
-    assert absent["package"] == "no-such-peer-pkg" and absent["package_version"] is None
-    assert (tmp_path / "absent-peer.log").read_text().startswith("no-such-peer-pkg is not installed")
+    assert list(rows) == ["absent-lossy", "absent"]  # failed rows, not missing ones
     assert [rows[n]["lossy"] for n in rows] == [True, False]
-    assert rows["lossy-reference"]["status"] == "ok"
+    absent = rows["absent"]
+    assert absent["status"] == "failed" and absent["denoiser"] is None
+    assert absent["error"].startswith("no-such-absent-pkg is not installed: pip install --no-deps -r requirements")
+    assert absent["package"] == "no-such-absent-pkg" and absent["package_version"] is None
+    assert (tmp_path / "absent.log").read_text().startswith("no-such-absent-pkg is not installed")
 
     table = (tmp_path / "results.md").read_text()
     lossless_at, lossy_at = table.index("Lossless:"), table.index("Lossy (")
-    assert lossless_at < table.index("| absent-peer | failed: no-such-peer-pkg is not installed") < lossy_at
-    assert lossy_at < table.index("| lossy-reference (lossy) |")
-    assert "Peers: no-such-peer-pkg (not installed)" in table
+    assert lossless_at < table.index("| absent | failed: no-such-absent-pkg is not installed") < lossy_at
+    assert lossy_at < table.index("| absent-lossy (lossy) | failed: ")
+    assert "Peers: no-such-absent-lossy-pkg (not installed), no-such-absent-pkg (not installed)" in table
     assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
 
 
