@@ -18,6 +18,8 @@ Rows (--configs takes a comma-separated list; all of them by default, in this or
   opt+fused-qkv .. opt+attention  the ladder: each rung switches on one more optimization (see LADDER); the last
                                   rung is the whole optimized script at the same T5 length as every row above
   opt-text128 .. opt-text512      the whole optimized script at a fixed T5 length of 128 .. 512 tokens (a bucket)
+  opt-cp2, opt-cp4                the whole optimized script under torchrun: context parallelism over 2 or 4 GPUs
+  para-attn-cp2, para-attn-cp4    the same for ParaAttention (below); a row needing more GPUs than there are fails
   opt-fp8, opt-fp8-keep1          the whole optimized script with fp8 linear layers (--quantize fp8), and with the
                                   first and last block kept in bf16; % of roofline is against the bf16 matmul rate
   xdit, para-attn, cache-dit      the peers, each set up as its documentation sets up FLUX.1-dev on one GPU, on the
@@ -57,7 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +106,7 @@ class Row:
     text_tokens: int | None = None  # None: --max-sequence-length
     lossy: bool = False
     package: str | None = None
+    nproc: int = 1  # processes under torchrun, one GPU each (context parallelism)
 
 
 DIFFUSERS_ROWS = ("diffusers-eager", "diffusers-compile", "diffusers-fused-cudnn-compile")
@@ -147,6 +150,10 @@ ROWS = {
     "opt-whole-step": Row("optimized_inference.py", ("--no-text-buckets", "--no-regional-compile")),
     # Inductor's coordinate-descent and GEMM autotuning (opt-in: more compile time).
     "opt-tuned": Row("optimized_inference.py", ("--no-text-buckets", "--inductor-tuning")),
+    # Context parallelism over N GPUs, ours and ParaAttention's (which its docs show under torchrun).
+    **{name: replace(row, nproc=n) for n in (2, 4)
+       for name, row in ((f"opt-cp{n}", ladder_rows()["opt+attention"]),
+                         (f"para-attn-cp{n}", Row(SCRIPT, ("--worker", "para-attn"), package="para-attn")))},
     # The peers, lossless (peers.py).
     **{name: Row(SCRIPT, ("--worker", name), package=peer.package)
        for name, peer in peers.PEERS.items() if not peer.lossy},
@@ -315,6 +322,9 @@ def run_peer(args) -> int:
 
     peer = peers.PEERS.get(args.worker)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
     if args.random_weights:
         pipe = random_flux_pipeline(device, dtype)
     else:
@@ -341,9 +351,10 @@ def run_peer(args) -> int:
         per_run.append(timer.seconds())
     if not torch.isfinite(latents).all():  # random weights must behave like a model, or the timings mean little
         raise RuntimeError("NaN/Inf in the latents after denoising")
-    with open(args.timings_json, "w") as f:
-        json.dump({"script": f"{SCRIPT} --worker {args.worker}", "args": vars(args),
-                   **summarize(per_run, warmup_s, device)}, f, indent=1)
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 reports as our scripts do
+        with open(args.timings_json, "w") as f:
+            json.dump({"script": f"{SCRIPT} --worker {args.worker}", "args": vars(args),
+                       **summarize(per_run, warmup_s, device)}, f, indent=1)
     return 0
 
 
@@ -351,7 +362,10 @@ def run_peer(args) -> int:
 # Running a row
 # ----------------------------------------------------------------------------------------------------------------------
 def row_command(row: Row, args, scratch: str) -> list[str]:
-    cmd = [sys.executable, os.path.join(REPO_DIR, row.script), *row.flags,
+    launcher = [sys.executable]
+    if row.nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={row.nproc}"]
+    cmd = [*launcher, os.path.join(REPO_DIR, row.script), *row.flags,
            "--model", args.model, "--prompt", args.prompt, "--height", str(args.height), "--width", str(args.width),
            "--steps", str(args.steps), "--guidance", str(args.guidance), "--seed", str(args.seed),
            "--max-sequence-length", str(row.text_tokens or args.max_sequence_length),
@@ -373,10 +387,18 @@ def last_line(path: str, start: int) -> str:
     return lines[-1] if lines else ""
 
 
+def too_few_gpus(row: Row, args) -> str | None:
+    """Why a context-parallel row cannot run on this machine, or None."""
+    gpus = torch.cuda.device_count()
+    if row.nproc > 1 and torch.device(args.device).type == "cuda" and gpus < row.nproc:
+        return f"needs {row.nproc} GPUs, this machine has {gpus}"
+    return None
+
+
 def run_row(name: str, row: Row, args) -> dict:
     """Run one configuration in a fresh process: its timings JSON, or None and why it failed."""
     log_path = os.path.join(args.out_dir, f"{name}.log")
-    missing = row.package and peers.not_installed(row.package)
+    missing = (row.package and peers.not_installed(row.package)) or too_few_gpus(row, args)
     if missing:  # failed at once, not after the minute its process would spend building the model
         with open(log_path, "w") as log:
             print(missing, file=log)

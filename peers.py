@@ -7,8 +7,8 @@ its setup step on that pipeline, as the peer's own documentation configures FLUX
                      the transformer as xFuserFlux1Transformer2DWrapper (xDiT's attention processor), xDiT's
                      distributed state for one process, torch.compile(mode="reduce-overhead") of the transformer
   para-attn          ParaAttention 0.3.38's FLUX recipe (doc/fastest_flux.md, parallel_examples/run_flux.py):
-                     parallelize_pipe + parallelize_vae on a context-parallel mesh over the process group (a world of
-                     one here: benchmark.py launches no torchrun), torch.compile(mode="max-autotune-no-cudagraphs")
+                     parallelize_pipe + parallelize_vae on a context-parallel mesh over the process group (one process,
+                     or one per GPU under torchrun: para-attn-cpN), torch.compile(mode="max-autotune-no-cudagraphs")
                      of the transformer
   para-attn-fbcache  lossy: the same plus First Block Cache at the doc's FLUX threshold, residual_diff_threshold=0.08
                      (fails with diffusers 0.42: ParaAttention 0.3.38 calls FLUX's single blocks without the

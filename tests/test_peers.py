@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import benchmark
 import peers
@@ -25,6 +26,20 @@ def test_every_peer_row_runs_a_peer_and_every_lossy_row_sits_with_our_fp8_ones()
     lossy = [name for name in names if benchmark.ROWS[name].lossy]
     assert lossy == ["opt-fp8", "opt-fp8-keep1", "para-attn-fbcache", "cache-dit-dbcache"]
     assert names[-len(lossy):] == lossy  # the lossy rows come last, together
+
+
+def test_context_parallel_rows_run_under_torchrun_and_need_their_gpus(tiny_pipeline_dir, monkeypatch):
+    args = benchmark.parse_args(["--smoke", "--model", tiny_pipeline_dir])
+    cmd = benchmark.row_command(benchmark.ROWS["para-attn-cp4"], args, "/scratch")
+    assert cmd[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                       benchmark.__file__]
+    assert cmd[6:8] == ["--worker", "para-attn"]
+    assert benchmark.ROWS["opt-cp2"] == benchmark.Row("optimized_inference.py", ("--no-text-buckets",), nproc=2)
+    assert benchmark.too_few_gpus(benchmark.ROWS["opt-cp2"], args) is None  # on the CPU, gloo: any count
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    args.device = "cuda"
+    assert benchmark.too_few_gpus(benchmark.ROWS["opt-cp2"], args) == "needs 2 GPUs, this machine has 1"
+    assert benchmark.too_few_gpus(benchmark.ROWS["opt+attention"], args) is None
 
 
 def test_lossy_rows_are_labeled_and_a_missing_peer_is_a_failed_row(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
