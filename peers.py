@@ -20,8 +20,9 @@ its setup step on that pipeline, as the peer's own documentation configures FLUX
 
 One shim: ParaAttention 0.3.38's attention functions are given diffusers 0.42's enable_gqa=False (without_enable_gqa).
 fp8 rows of the peers are not here: ParaAttention's and cache-dit's fp8 go through torchao, not on the GPU image.
-xDiT's one-GPU lossy option for FLUX (--cache_method dbcache) runs cache-dit's DBCache engine, measured by
-cache-dit-dbcache. The packages are optional (requirements-peers.txt); this module imports each only in its setup.
+xDiT's one-GPU lossy option for FLUX (--cache_method dbcache) runs cache-dit's DBCache engine with xDiT's own preset
+(Fn=2, threshold 0.12, SCM "ultra") on blocks compiled one by one: not a row here; cache-dit-dbcache measures the
+engine. The packages are optional (requirements-peers.txt); this module imports each only in its setup.
 """
 
 from __future__ import annotations
