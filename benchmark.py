@@ -18,8 +18,17 @@ Rows (--configs takes a comma-separated list; all of them by default, in this or
   opt+fused-qkv .. opt+attention  the ladder: each rung switches on one more optimization (see LADDER); the last
                                   rung is the whole optimized script at the same T5 length as every row above
   opt-text128 .. opt-text512      the whole optimized script at a fixed T5 length of 128 .. 512 tokens (a bucket)
+  opt-cp2, opt-cp4                the whole optimized script under torchrun: context parallelism over 2 or 4 GPUs
+  para-attn-cp2, para-attn-cp4    the same for ParaAttention (below); a row needing more GPUs than there are fails
   opt-fp8, opt-fp8-keep1          the whole optimized script with fp8 linear layers (--quantize fp8), and with the
                                   first and last block kept in bf16; % of roofline is against the bf16 matmul rate
+  xdit, para-attn, cache-dit      the peers, each set up as its documentation sets up FLUX.1-dev on one GPU, on the
+                                  diffusers rows' pipeline and timed the same way (peers.py; optional packages,
+                                  requirements-peers.txt); a peer not installed is a failed row
+  para-attn-fbcache,              the peers' caches: they skip work on some steps and change the image
+  cache-dit-dbcache
+
+Lossy rows (fp8, the caches) change the image: every output labels them, and the table lists them apart.
 
 Wall time per row on an H100 at the defaults: about 1 minute for an eager row (building the model, a warm-up and
 three runs); the compiled rows (diffusers-compile, diffusers-fused-cudnn-compile, opt+compile and every opt row
@@ -50,13 +59,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import peers
 from single_file_inference import (
     CLIP_L_CONFIG,
     CONFIGS,
@@ -88,14 +98,19 @@ SMOKE = dict(device="cpu", dtype="float32", steps=2, runs=2, warmup=0, height=40
 # ----------------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Row:
-    """One configuration: the script its subprocess runs, the row's own flags, and a fixed T5 length if any."""
+    """One configuration: the script its subprocess runs, the row's own flags, a fixed T5 length if any, whether it
+    changes the image (fp8, caches) and the peer package it runs, whose version the results record."""
 
     script: str
     flags: tuple[str, ...] = ()
     text_tokens: int | None = None  # None: --max-sequence-length
+    lossy: bool = False
+    package: str | None = None
+    nproc: int = 1  # processes under torchrun, one GPU each (context parallelism)
 
 
-PEERS = ("diffusers-eager", "diffusers-compile", "diffusers-fused-cudnn-compile")
+DIFFUSERS_ROWS = ("diffusers-eager", "diffusers-compile", "diffusers-fused-cudnn-compile")
+WORKERS = (*DIFFUSERS_ROWS, *peers.PEERS)  # the rows this script runs itself, in --worker mode
 
 # The optimized ladder. Each rung drops the flags beside it, which switch its optimization off, and keeps those of
 # the rungs below it; so a rung has its own optimization and those of every rung above it. Text buckets stay off on
@@ -125,7 +140,7 @@ def ladder_rows() -> dict[str, Row]:
 
 
 ROWS = {
-    **{peer: Row(SCRIPT, ("--worker", peer)) for peer in PEERS},
+    **{name: Row(SCRIPT, ("--worker", name)) for name in DIFFUSERS_ROWS},
     "reference": Row("single_file_inference.py"),
     **ladder_rows(),
     # A text bucket is a fixed T5 length; buckets off, so the length is exactly the one given.
@@ -135,9 +150,20 @@ ROWS = {
     "opt-whole-step": Row("optimized_inference.py", ("--no-text-buckets", "--no-regional-compile")),
     # Inductor's coordinate-descent and GEMM autotuning (opt-in: more compile time).
     "opt-tuned": Row("optimized_inference.py", ("--no-text-buckets", "--inductor-tuning")),
+    # Context parallelism over N GPUs, ours and ParaAttention's (which its docs show under torchrun).
+    **{name: replace(row, nproc=n) for n in (2, 4)
+       for name, row in ((f"opt-cp{n}", ladder_rows()["opt+attention"]),
+                         (f"para-attn-cp{n}", Row(SCRIPT, ("--worker", "para-attn"), package="para-attn")))},
+    # The peers, lossless (peers.py).
+    **{name: Row(SCRIPT, ("--worker", name), package=peer.package)
+       for name, peer in peers.PEERS.items() if not peer.lossy},
     # fp8 linear layers in the blocks (opt-in, needs compute capability 8.9+); "keep1": first and last block in bf16.
-    "opt-fp8": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8")),
-    "opt-fp8-keep1": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8", "--fp8-keep-bf16", "1")),
+    "opt-fp8": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8"), lossy=True),
+    "opt-fp8-keep1": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8", "--fp8-keep-bf16", "1"),
+                         lossy=True),
+    # The peers' caches, next to our fp8 rows.
+    **{name: Row(SCRIPT, ("--worker", name), lossy=True, package=peer.package)
+       for name, peer in peers.PEERS.items() if peer.lossy},
 }
 
 
@@ -222,7 +248,7 @@ def measure_roofline(device: torch.device, dtype: torch.dtype) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The peer: diffusers' FluxPipeline, timed like our scripts (this script's --worker mode)
+# diffusers' FluxPipeline and the peers on it, timed like our scripts (this script's --worker mode)
 # ----------------------------------------------------------------------------------------------------------------------
 def random_flux_pipeline(device: torch.device, dtype: torch.dtype):
     """A full-size FLUX.1-dev FluxPipeline with random weights, built in `dtype` directly on `device`.
@@ -266,9 +292,13 @@ def random_flux_pipeline(device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()  # as FluxPipeline.__call__ is; encode_prompt and the decode below are outside it
-def peer_generate(pipe, args, timer: Timer) -> torch.Tensor:
-    """One image (batch) through FluxPipeline, timed in the same four spans as our scripts; returns the latents."""
+def peer_generate(pipe, args, timer: Timer, before_request=None) -> torch.Tensor:
+    """One image (batch) through FluxPipeline, timed in the same four spans as our scripts; returns the latents.
+
+    before_request: what a peer does before each call of the pipeline (peers.Peer.setup), inside the timing."""
     with timer("end_to_end"):
+        if before_request is not None:
+            before_request()
         with timer("text_encoders"):
             prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
                 args.prompt, prompt_2=None, num_images_per_prompt=args.batch_size,
@@ -287,10 +317,14 @@ def peer_generate(pipe, args, timer: Timer) -> torch.Tensor:
 
 
 def run_peer(args) -> int:
-    """--worker mode: time one diffusers configuration and write the same timings JSON as our scripts."""
+    """--worker mode: time one diffusers configuration or peer and write the same timings JSON as our scripts."""
     from diffusers import FluxPipeline
 
+    peer = peers.PEERS.get(args.worker)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
     if args.random_weights:
         pipe = random_flux_pipeline(device, dtype)
     else:
@@ -303,22 +337,24 @@ def run_peer(args) -> int:
     if args.worker in ("diffusers-compile", "diffusers-fused-cudnn-compile"):
         pipe.transformer = torch.compile(pipe.transformer, fullgraph=True)
         pipe.vae.decode = torch.compile(pipe.vae.decode, fullgraph=True)
+    before_request = peer.setup(pipe, args) if peer is not None else None
 
     t0 = time.perf_counter()
     for _ in range(args.warmup):
-        peer_generate(pipe, args, Timer(device))
+        peer_generate(pipe, args, Timer(device), before_request)
     sync(device)
     warmup_s = time.perf_counter() - t0
     per_run = []
     for _ in range(args.runs):
         timer = Timer(device)
-        latents = peer_generate(pipe, args, timer)
+        latents = peer_generate(pipe, args, timer, before_request)
         per_run.append(timer.seconds())
     if not torch.isfinite(latents).all():  # random weights must behave like a model, or the timings mean little
         raise RuntimeError("NaN/Inf in the latents after denoising")
-    with open(args.timings_json, "w") as f:
-        json.dump({"script": f"{SCRIPT} --worker {args.worker}", "args": vars(args),
-                   **summarize(per_run, warmup_s, device)}, f, indent=1)
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 reports as our scripts do
+        with open(args.timings_json, "w") as f:
+            json.dump({"script": f"{SCRIPT} --worker {args.worker}", "args": vars(args),
+                       **summarize(per_run, warmup_s, device)}, f, indent=1)
     return 0
 
 
@@ -326,7 +362,10 @@ def run_peer(args) -> int:
 # Running a row
 # ----------------------------------------------------------------------------------------------------------------------
 def row_command(row: Row, args, scratch: str) -> list[str]:
-    cmd = [sys.executable, os.path.join(REPO_DIR, row.script), *row.flags,
+    launcher = [sys.executable]
+    if row.nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={row.nproc}"]
+    cmd = [*launcher, os.path.join(REPO_DIR, row.script), *row.flags,
            "--model", args.model, "--prompt", args.prompt, "--height", str(args.height), "--width", str(args.width),
            "--steps", str(args.steps), "--guidance", str(args.guidance), "--seed", str(args.seed),
            "--max-sequence-length", str(row.text_tokens or args.max_sequence_length),
@@ -348,9 +387,22 @@ def last_line(path: str, start: int) -> str:
     return lines[-1] if lines else ""
 
 
+def too_few_gpus(row: Row, args) -> str | None:
+    """Why a context-parallel row cannot run on this machine, or None."""
+    gpus = torch.cuda.device_count()
+    if row.nproc > 1 and torch.device(args.device).type == "cuda" and gpus < row.nproc:
+        return f"needs {row.nproc} GPUs, this machine has {gpus}"
+    return None
+
+
 def run_row(name: str, row: Row, args) -> dict:
     """Run one configuration in a fresh process: its timings JSON, or None and why it failed."""
     log_path = os.path.join(args.out_dir, f"{name}.log")
+    missing = (row.package and peers.not_installed(row.package)) or too_few_gpus(row, args)
+    if missing:  # failed at once, not after the minute its process would spend building the model
+        with open(log_path, "w") as log:
+            print(missing, file=log)
+        return {"command": None, "log": log_path, "wall_s": 0.0, "timings": None, "error": missing}
     with tempfile.TemporaryDirectory(prefix="flux-benchmark-") as scratch:
         cmd = row_command(row, args, scratch)
         env = {
@@ -388,6 +440,8 @@ def row_record(name: str, row: Row, run: dict, args, sizes: dict, roofline: dict
     text_tokens = row.text_tokens or args.max_sequence_length
     linear, attention = flop_per_step(args.height, args.width, text_tokens, args.batch_size, **sizes)
     record = {"config": name, "status": "failed" if run["error"] else "ok", "error": run["error"],
+              "lossy": row.lossy, "package": row.package,
+              "package_version": peers.package_version(row.package) if row.package else None,
               "text_tokens": text_tokens, "flop_per_step": {"linear": linear, "attention": attention},
               **{stage: None for stage in STAGES}, "warmup_s": None, "peak_mem_GiB": None, "achieved_tflops": None,
               "roofline_s": None, "roofline_pct": None, "images_per_hour": None, "cost_per_1000_images": None,
@@ -449,19 +503,40 @@ def cell(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
-def markdown(results: dict) -> str:
-    settings = results["settings"]
-    lines = [f"## {results['title']}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in results["rows"]:
+def label(row: dict) -> str:
+    """A row's name as every report shows it: lossy rows say so."""
+    return row["config"] + (" (lossy)" if row["lossy"] else "")
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
         if r["status"] == "ok":
-            cells = [r["config"], *(cell(r[stage]["median"], ".2f") for stage in STAGES),
+            cells = [label(r), *(cell(r[stage]["median"], ".2f") for stage in STAGES),
                      cell(r["warmup_s"], ".1f"), cell(r["peak_mem_GiB"], ".1f"), cell(r["achieved_tflops"], ".3g"),
                      cell(r["roofline_pct"], ".0f", "%"), cell(r["images_per_hour"], ".0f"),
                      cell(r["cost_per_1000_images"], ".2f")]
         else:
             error = r["error"].replace("|", "\\|")
-            cells = [r["config"], f"failed: {error}", *[""] * (len(COLUMNS) - 2)]
+            cells = [label(r), f"failed: {error}", *[""] * (len(COLUMNS) - 2)]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    """The table: lossless rows first, then the lossy ones (fp8, caches) in a table of their own, so that no lossy
+    row sits beside the lossless ones it would seem to beat."""
+    settings = results["settings"]
+    lossless = [r for r in results["rows"] if not r["lossy"]]
+    lossy = [r for r in results["rows"] if r["lossy"]]
+    lines = [f"## {results['title']}", ""]
+    if lossless and lossy:
+        lines += ["Lossless:", ""]
+    if lossless:
+        lines += table_lines(lossless)
+    if lossy:
+        lines += ["", "Lossy (these rows change the image: fp8 weights and activations, or steps skipped by a cache):",
+                  "", *table_lines(lossy)]
     lines += ["", f"Median of {settings['runs']} timed run(s) after {settings['warmup']} warm-up run(s) (warm-up s: "
                   "all of these, compilation included); every configuration in its own process."]
     if any(r["text_tokens"] != settings["max_sequence_length"] for r in results["rows"]):
@@ -471,6 +546,10 @@ def markdown(results: dict) -> str:
         attention = ", ".join(f"{k} {v:.0f}" for k, v in roofline["attention_tflops"].items())
         lines.append(f"Roofline: matmul {roofline['matmul_median_tflops']:.0f} TFLOP/s (median of FLUX's shapes), "
                      f"attention {attention} TFLOP/s (the best counts).")
+    versions = sorted({f"{r['package']} {r['package_version'] or '(not installed)'}"
+                       for r in results["rows"] if r["package"]})
+    if versions:
+        lines.append(f"Peers: {', '.join(versions)}; each on the same FluxPipeline as the diffusers rows (peers.py).")
     lines.append(f"Cost at ${settings['price_per_hour']}/hour.")
     if results["random_weights"]:
         lines.append("Random weights: the timings are those of FLUX.1-dev, the images are noise.")
@@ -478,17 +557,20 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> None:
-    rows = results["rows"]
-    labels = [r["config"] + ("" if r["status"] == "ok" else " (failed)") for r in rows]
+    rows = sorted(results["rows"], key=lambda r: r["lossy"])  # as in the table: the lossy rows last (a stable sort)
+    labels = [label(r) + ("" if r["status"] == "ok" else " (failed)") for r in rows]
     # A bare Figure rather than pyplot: no GUI backend to pick and no global state.
     fig = Figure(figsize=(10, 1.5 + 0.5 * len(rows)), layout="constrained")
     ax = fig.subplots()
     y = range(len(rows))
-    for offset, stage, label in ((-0.2, "end_to_end", "end to end"), (0.2, "denoiser", "denoiser")):
+    for offset, stage, legend in ((-0.2, "end_to_end", "end to end"), (0.2, "denoiser", "denoiser")):
         seconds = [r[stage]["median"] if r["status"] == "ok" else 0.0 for r in rows]
-        bars = ax.barh([i + offset for i in y], seconds, height=0.4, label=label)
+        bars = ax.barh([i + offset for i in y], seconds, height=0.4, label=legend)
         ax.bar_label(bars, labels=[f"{s:.2f} s" if s else "" for s in seconds], padding=3, fontsize=8)
     ax.set_yticks(list(y), labels)
+    lossless = sum(not r["lossy"] for r in rows)
+    if 0 < lossless < len(rows):  # a line between the lossless rows and the lossy ones below them
+        ax.axhline(lossless - 0.5, color="gray", linestyle="--", linewidth=0.8)
     ax.invert_yaxis()  # the first row on top, as in the table
     ax.set_xlabel("seconds per image (median)" if results["settings"]["batch_size"] == 1 else "seconds per batch")
     ax.margins(x=0.15)
@@ -538,8 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true",
                    help="a seconds-long CPU run of the plumbing with a tiny --model (see tiny_pipeline.py): "
                         + ", ".join(f"{k}={v}" for k, v in SMOKE.items()) + ", no roofline")
-    # The diffusers rows run this script again as a subprocess in worker mode; not for direct use.
-    p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
+    # The diffusers and peer rows run this script again as a subprocess in worker mode; not for direct use.
+    p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     p.add_argument("--timings-json", help=argparse.SUPPRESS)
     return p
 

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
 # Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [ttfi] [offload] [fp8-error] [batch] [parallel]
-#        [mixed] [sweep] [startup] [bench CONFIGS] [bench-old CONFIGS]
+#        [mixed] [sweep] [startup] [bench CONFIGS] [bench-old CONFIGS] [peers1] [peers2] [peers3] [peers-cp2]
+#        [peers-cp4]
 # (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
 # counts of `parallel` (default "1 2 4"). `bench-old` runs ./old/benchmark.py: the code before a change, exported
 # there with `git archive REV | tar -x -C old` and carried, so that old and new rows share one call and one card.
+# peers1-3 (issue 16): the peers' rows beside our bf16 one, each step one call of under 10 minutes: peers1 the lossless
+# xdit and cache-dit, peers2 the lossy rows with our fp8 one, peers3 para-attn alone (its max-autotune compile). Their
+# wheels come from .whl/peers (bash peer_wheels.sh where there is a package index); $PEER_TIMEOUT caps each row.
+# peers-cpN (a kind with N GPUs): our context parallelism and ParaAttention's over N GPUs, beside our one-GPU row.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 # diffusers is not on the device image (a caller running several of these at once installs it first)
@@ -135,6 +140,17 @@ oi.sync(pipe.device); lap("first image (cache warm from run 25's prompts: the 10
 print(torch._dynamo.utils.compile_times())
 PY
       ;;
+    peers1|peers2|peers3|peers-cp2|peers-cp4)  # our bf16 row in every call: each table carries its reference
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/peers/*.whl && export PYTHONPATH=/tmp/site || status=1
+      case $step in
+        peers1) configs=opt+attention,xdit,cache-dit; timeout=${PEER_TIMEOUT:-240} ;;
+        peers2) configs=opt+attention,opt-fp8,cache-dit-dbcache,para-attn-fbcache; timeout=${PEER_TIMEOUT:-240} ;;
+        peers3) configs=opt+attention,para-attn; timeout=${PEER_TIMEOUT:-450} ;;
+        peers-cp*) n=${step#peers-cp}; configs=opt+attention,opt-cp$n,para-attn-cp$n; timeout=${PEER_TIMEOUT:-400} ;;
+      esac
+      python3 benchmark.py --random-weights --configs "$configs" --timeout "$timeout" \
+        --out-dir "$OUT/$step" 2>&1 | tee "$OUT/$step.log" || status=1 ;;
     bench|bench-old) configs=${steps[0]}; steps=("${steps[@]:1}"); dir=.; [ "$step" = bench-old ] && dir=old
            python3 $dir/benchmark.py --random-weights --configs "$configs" --out-dir "$OUT/$step" 2>&1 \
              | tee "$OUT/$step.log" || status=1 ;;
@@ -142,8 +158,8 @@ PY
   esac
   echo "== $step: $(( $(date +%s) - start ))s"
 done
-for f in "$OUT"/bench/results.md "$OUT"/bench-old/results.md; do [ -f "$f" ] && { echo "$f"; grep '^|' "$f"; }; done
 for f in "$OUT"/mixed-*.log; do [ -f "$f" ] && { echo "$f"; grep -E "models loaded|first batch in|images in" "$f"; }; done
+for f in "$OUT"/bench/results.md "$OUT"/bench-old/results.md "$OUT"/peers*/results.md; do [ -f "$f" ] && { echo "$f"; grep '^|' "$f"; }; done
 for f in "$OUT"/reference.json "$OUT"/optimized.json "$OUT"/offload.json "$OUT"/fp8-error.json "$OUT"/cp*.json; do
   [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], *(f'{k}={d[k][\"median\"]:.3f}s' for k in ('text_encoders','denoiser','vae','end_to_end')), f'warmup={d[\"warmup_s\"]:.1f}s peak={d.get(\"peak_mem_GiB\",0):.1f}GiB')" "$f"
 done
