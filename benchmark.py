@@ -138,6 +138,8 @@ ROWS = {
     # fp8 linear layers in the blocks (opt-in, needs compute capability 8.9+); "keep1": first and last block in bf16.
     "opt-fp8": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8")),
     "opt-fp8-keep1": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8", "--fp8-keep-bf16", "1")),
+    "opt-fp8-attn8": Row("optimized_inference.py",  # and 8-bit attention (opt-in, lossy; Hopper, attention_fp8.py)
+                         ("--no-text-buckets", "--quantize", "fp8", "--attention", "cudnn-fp8")),
 }
 
 

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
 # Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [ttfi] [offload] [fp8-error] [batch] [parallel]
-#        [bench CONFIGS] [bench-old CONFIGS]
+#        [attn8-tests] [attn8] [bench CONFIGS] [bench-old CONFIGS]
 # (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
-# counts of `parallel` (default "1 2 4"). `bench-old` runs ./old/benchmark.py: the code before a change, exported
+# counts of `parallel` (default "1 2 4"); $ATTN8_QUANT the --quantize values of `attn8` (default "none fp8"). `bench-old` runs ./old/benchmark.py: the code before a change, exported
 # there with `git archive REV | tar -x -C old` and carried, so that old and new rows share one call and one card.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-# diffusers is not on the device image (a caller running several of these at once installs it first)
-if ! python3 -c "import diffusers" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# diffusers is not on the device image, nor NVIDIA's cuDNN frontend (`import cudnn`, for --attention cudnn-fp8); a
+# caller running several of these at once installs them first. A wheel built per Python version is carried once per
+# version: pip takes, by package name, the one that fits this interpreter.
+if ! python3 -c "import diffusers, cudnn" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    --find-links .whl $(ls .whl/*.whl | sed 's#.*/##; s#-.*##' | sort -u)
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
@@ -54,6 +57,30 @@ PY
       python3 optimized_inference.py --random-weights --prompt "$PROMPT" --no-text-buckets --quantize fp8 \
         --compare-bf16 --runs 1 --timings-json "$OUT/fp8-error.json" --output "$OUT/fp8.png" 2>&1 \
         | tee "$OUT/fp8-error.log" || status=1 ;;
+    attn8-tests)  # issue 15: cuDNN's fp8 attention at FLUX's shape, in a CUDA graph, compiled, in the full model
+      python3 -m pytest -q -rA -s -m cuda tests/test_attention_fp8.py 2>&1 | tee "$OUT/attn8-tests.log" || status=1 ;;
+    attn8)  # issue 15: bf16 against 8-bit attention, with bf16 and with fp8 linear layers, one seed; then the
+            # 8-bit image's PSNR/SSIM against the bf16-attention one (random weights: a proxy, the error understated)
+      for quant in ${ATTN8_QUANT:-none fp8}; do
+        for attn in auto cudnn-fp8; do
+          name=attn8-$quant-$attn
+          python3 optimized_inference.py --random-weights --prompt "$PROMPT" --no-text-buckets --runs 3 \
+            --quantize $quant --attention $attn --timings-json "$OUT/$name.json" --output "$OUT/$name.png" \
+            --profile "$OUT/$name-profile.json" 2>&1 | tee "$OUT/$name.log" || status=1
+        done
+        python3 - "$OUT/attn8-$quant-cudnn-fp8.png" "$OUT/attn8-$quant-auto.png" 2>&1 <<'PY' | tee -a "$OUT/attn8.log" || status=1
+import sys
+
+import numpy as np
+from PIL import Image
+
+from fp8 import psnr, ssim
+
+fp8_attention, bf16_attention = (np.asarray(Image.open(path).convert("RGB")) for path in sys.argv[1:])
+print(f"{sys.argv[1]} against {sys.argv[2]}: PSNR {psnr(fp8_attention, bf16_attention):.2f} dB, "
+      f"SSIM {ssim(fp8_attention, bf16_attention):.4f}")
+PY
+      done ;;
     parallel)  # issue 7: the same request on 1, 2 and 4 GPUs (a multi-GPU kind)
       for n in ${NPROCS:-1 2 4}; do
         torchrun --standalone --nproc-per-node $n optimized_inference.py --random-weights --prompt "$PROMPT" \
@@ -73,7 +100,8 @@ PY
   echo "== $step: $(( $(date +%s) - start ))s"
 done
 for f in "$OUT"/bench/results.md "$OUT"/bench-old/results.md; do [ -f "$f" ] && { echo "$f"; grep '^|' "$f"; }; done
-for f in "$OUT"/reference.json "$OUT"/optimized.json "$OUT"/offload.json "$OUT"/fp8-error.json "$OUT"/cp*.json; do
+for f in "$OUT"/reference.json "$OUT"/optimized.json "$OUT"/offload.json "$OUT"/fp8-error.json "$OUT"/cp*.json \
+         "$OUT"/attn8-{none,fp8}-{auto,cudnn-fp8}.json; do
   [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], *(f'{k}={d[k][\"median\"]:.3f}s' for k in ('text_encoders','denoiser','vae','end_to_end')), f'warmup={d[\"warmup_s\"]:.1f}s peak={d.get(\"peak_mem_GiB\",0):.1f}GiB')" "$f"
 done
 exit $status
