@@ -46,10 +46,11 @@ def quantize(x: torch.Tensor, smooth: bool) -> tuple[torch.Tensor, torch.Tensor,
     """x [B, S, H, D] -> (x8 [B, H, S, D] e4m3, contiguous; descale [1, 1, 1, 1] float32 with x8 * descale ~ x - mean;
     mean [B, 1, H, D] over the tokens, or None without `smooth`).
 
-    One scale for the whole tensor maps its largest magnitude to 448. The amax is taken in two stages (per token or
-    per channel, then over those), so that it stays parallel where fp8's compile turns split reductions off
-    (optimized_inference.compile_options). Smoothed, the largest |x - mean| comes from the same per-channel pass as
-    the mean (its max and min), so smoothing adds no pass over x.
+    One scale for the whole tensor maps its largest magnitude to 448. The amax is taken in two stages, so that it
+    stays parallel where fp8's compile turns split reductions off (optimized_inference.compile_options): first per
+    token and head, the rows q's RMSNorm + RoPE kernel already reduces over (so it fuses there), then over those.
+    Smoothed, the largest |x - mean| comes from the pass that takes the mean (per channel: its max and min too); v
+    needs a pass for its amax anyway, k pays one.
     """
     xf = x.float()
     if smooth:
@@ -57,7 +58,7 @@ def quantize(x: torch.Tensor, smooth: bool) -> tuple[torch.Tensor, torch.Tensor,
         amax = torch.maximum(xf.amax(dim=1, keepdim=True) - mean, mean - xf.amin(dim=1, keepdim=True)).amax()
         xf = xf - mean
     else:
-        mean, amax = None, xf.abs().amax(dim=(2, 3)).amax()
+        mean, amax = None, xf.abs().amax(dim=-1).amax()
     amax = amax.clamp(min=1e-12)
     # As fp8.quantize_fp8: one reciprocal, a multiply per element, and a clamp for products that round past 448.
     x8 = (xf * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(FP8).transpose(1, 2).contiguous()
