@@ -174,23 +174,25 @@ def describe() -> str:
 def check_cudnn_fp8_support(device: torch.device) -> None:
     """Before any weight is loaded: a Hopper or newer GPU, the cuDNN frontend, and one small fp8 attention that runs
     (the cuDNN that torch ships decides what it supports). The small graph is not kept: GRAPHS lists the model's."""
+    built_before = set(GRAPHS)
     capability = torch.cuda.get_device_capability(device)
     if capability < (9, 0):
         raise UserError(f"--attention cudnn-fp8 needs cuDNN's fp8 attention, on Hopper or newer GPUs (compute "
                         f"capability 9.0+, e.g. H100); {torch.cuda.get_device_name(device)} has "
                         f"{'.'.join(map(str, capability))}")
     try:
-        import cudnn
+        import cudnn  # noqa: F401  (its graphs are built below, by attention())
     except (ImportError, OSError) as e:
         raise UserError(f"--attention cudnn-fp8 needs NVIDIA's cuDNN frontend for Python: pip install "
-                        f"nvidia-cudnn-frontend ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+                        f"nvidia-cudnn-frontend ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from e
     try:
         x = torch.randn(1, 256, 2, 128, device=device, dtype=torch.bfloat16)
         attention(x, x, x)
         torch.cuda.synchronize(device)
     except Exception as e:  # the frontend raises its own types (not supported, bad plan) as well as RuntimeError
-        raise UserError(f"--attention cudnn-fp8: cuDNN {cudnn.backend_version()} cannot run fp8 attention on "
+        raise UserError(f"--attention cudnn-fp8: cuDNN {torch.backends.cudnn.version()} cannot run fp8 attention on "
                         f"{torch.cuda.get_device_name(device)} ({type(e).__name__}: "
                         f"{(str(e).splitlines() or [''])[0]})") from e
     finally:
-        GRAPHS.clear()
+        for key in set(GRAPHS) - built_before:
+            del GRAPHS[key]

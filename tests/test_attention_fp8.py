@@ -14,6 +14,7 @@ attention, compiled and CUDA-graphed.
 import functools
 import math
 import sys
+import types
 
 import pytest
 import torch
@@ -194,15 +195,22 @@ def test_auto_never_picks_fp8_attention(monkeypatch):
     assert opt.ATTENTION_FUNCS["cudnn-fp8"] is attention_fp8.attention
 
 
-@pytest.mark.parametrize("case", ["cpu", "ampere", "ada", "no-frontend"])
+@pytest.mark.parametrize("case", ["cpu", "ampere", "ada", "no-frontend", "kernel-fails"])
 def test_refused_where_it_cannot_run(case, monkeypatch):
     """One UserError (main prints it as one error line, exit 2: tests/test_bad_input.py) before anything loads."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
     capability = {"ampere": (8, 0), "ada": (8, 9)}.get(case, (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setitem(sys.modules, "cudnn", None)  # `import cudnn` raises ImportError
+    # `import cudnn` raises ImportError, or finds a frontend whose kernel fails (a cuDNN without fp8 attention)
+    monkeypatch.setitem(sys.modules, "cudnn", types.ModuleType("cudnn") if case == "kernel-fails" else None)
+
+    def unsupported(q, k, v):
+        raise RuntimeError("cudnnGraphNotSupportedError: no fp8 SDPA engine")
+
+    monkeypatch.setattr(attention_fp8, "attention", unsupported)
     needles = {"cpu": "--attention cudnn-fp8 needs CUDA", "ampere": "compute capability 9.0+, e.g. H100); Some GPU "
-               "has 8.0", "ada": "has 8.9", "no-frontend": "pip install nvidia-cudnn-frontend"}
+               "has 8.0", "ada": "has 8.9", "no-frontend": "pip install nvidia-cudnn-frontend",
+               "kernel-fails": "cannot run fp8 attention on Some GPU"}
     with pytest.raises(opt.UserError) as raised:
         opt.effective_options(opt.Options(attention="cudnn-fp8"), torch.device("cpu" if case == "cpu" else "cuda"))
     assert needles[case] in str(raised.value)
