@@ -3,8 +3,9 @@
 # Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [ttfi] [offload] [fp8-error] [batch] [parallel]
 #        [attn8-tests] [attn8] [bench CONFIGS] [bench-old CONFIGS]
 # (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
-# counts of `parallel` (default "1 2 4"); $ATTN8_QUANT the --quantize values of `attn8` (default "none fp8"). `bench-old` runs ./old/benchmark.py: the code before a change, exported
-# there with `git archive REV | tar -x -C old` and carried, so that old and new rows share one call and one card.
+# counts of `parallel` (default "1 2 4"); $ATTN8_QUANT the --quantize values of `attn8` (default "none fp8").
+# `bench-old` runs ./old/benchmark.py: the code before a change, exported there with `git archive REV | tar -x -C old`
+# and carried, so that old and new rows share one call and one card.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 # diffusers is not on the device image, nor NVIDIA's cuDNN frontend (`import cudnn`, for --attention cudnn-fp8); a
@@ -20,6 +21,8 @@ PROMPT="a photograph of a red fox in fresh snow, golden hour"
 steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(tests reference optimized)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
 python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)" | tee -a "$OUT/env.txt"
+python3 -c "import cudnn; print('cudnn frontend', cudnn.__version__, 'backend', cudnn.backend_version())" 2>&1 \
+  | tail -1 | tee -a "$OUT/env.txt"
 status=0
 while [ ${#steps[@]} -gt 0 ]; do
   step=${steps[0]}; steps=("${steps[@]:1}")
