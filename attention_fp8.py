@@ -126,11 +126,17 @@ def build_graph(key: tuple, device: torch.device) -> CudnnGraph:
         ops["o"].set_output(True).set_dim([b, h, s_q, d]).set_stride([h * s_q * d, s_q * d, d, 1]).set_data_type(e4m3)
         for name in ("amax_s", "amax_o"):  # the amax of P and O, which a training step would use for its next scales
             ops[name].set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
-        g.validate()
-        g.build_operation_graph()
-        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-        g.check_support()
-        g.build_plans()
+        try:
+            g.validate()
+            g.build_operation_graph()
+            g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+            g.check_support()
+            g.build_plans()
+        except Exception as e:  # the frontend's own types (not supported, no plan): a choice this GPU cannot run
+            reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            raise UserError(f"--attention cudnn-fp8: cuDNN {torch.backends.cudnn.version()} has no fp8 attention for "
+                            f"[B, H, S, D] = {[b, h, s_q, d]} ({s_kv} keys) on {torch.cuda.get_device_name(device)} "
+                            f"({reason}); choose another --attention") from e
         scales = tuple(torch.full((1, 1, 1, 1), s, device=device) for s in (1 / P_SCALE, P_SCALE))
         return CudnnGraph(g, handle, ops, g.get_workspace_size(), scales)
 
@@ -192,6 +198,8 @@ def check_cudnn_fp8_support(device: torch.device) -> None:
         x = torch.randn(1, 256, 2, 128, device=device, dtype=torch.bfloat16)
         attention(x, x, x)
         torch.cuda.synchronize(device)
+    except UserError:  # build_graph's, which says it all
+        raise
     except Exception as e:  # the frontend raises its own types (not supported, bad plan) as well as RuntimeError
         raise UserError(f"--attention cudnn-fp8: cuDNN {torch.backends.cudnn.version()} cannot run fp8 attention on "
                         f"{torch.cuda.get_device_name(device)} ({type(e).__name__}: "

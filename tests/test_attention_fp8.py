@@ -11,6 +11,7 @@ wrong-order controls; replay inside a CUDA graph; torch.compile; the full-size m
 attention, compiled and CUDA-graphed.
 """
 
+import contextlib
 import functools
 import math
 import sys
@@ -215,6 +216,100 @@ def test_refused_where_it_cannot_run(case, monkeypatch):
         opt.effective_options(opt.Options(attention="cudnn-fp8"), torch.device("cpu" if case == "cpu" else "cuda"))
     assert needles[case] in str(raised.value)
     assert "cudnn-fp8" not in opt.ATTENTION_FUNCS
+
+
+class FakeFrontend:
+    """Just enough of the cuDNN frontend's graph API for build_graph and the op's cuDNN path to run on the CPU: the
+    graph records how sdpa_fp8's arguments were wired, and execute() runs the emulation on the buffers bound to them
+    by name, so a scale bound to the wrong operand shows. `fails`: cuDNN has no engine for the graph."""
+
+    data_type = types.SimpleNamespace(FP8_E4M3="e4m3", FLOAT="float")
+    heur_mode = types.SimpleNamespace(A="a", FALLBACK="fallback")
+
+    def __init__(self, fails=False):
+        self.fails, self.graphs = fails, []
+
+    def create_handle(self):
+        return "handle"
+
+    def set_stream(self, handle, stream):
+        pass
+
+    def pygraph(self, **kwargs):
+        frontend = self
+
+        class Tensor:
+            def __init__(self, name):
+                self.name = name
+
+            def set_output(self, value):
+                return self
+
+            set_dim = set_stride = set_data_type = set_output
+
+        class Graph:
+            def tensor(self, name, dim, stride, data_type):
+                return Tensor(name)
+
+            def sdpa_fp8(self, **kwargs):
+                self.wiring = {arg: t.name for arg, t in kwargs.items() if isinstance(t, Tensor)}
+                return Tensor("O"), None, Tensor("Amax_S"), Tensor("Amax_O")
+
+            def validate(self):
+                if frontend.fails:
+                    raise RuntimeError("cudnnGraphNotSupportedError: no engine")
+
+            def build_operation_graph(self, *args):
+                pass
+
+            create_execution_plans = check_support = build_plans = build_operation_graph
+
+            def get_workspace_size(self):
+                return 64
+
+            def execute(self, pack, workspace, handle):
+                bound = {t.name: data for t, data in pack.items()}
+                args = {arg: bound[name] for arg, name in self.wiring.items()}
+                assert args["scale_s"].item() == P_SCALE and args["descale_s"].item() == pytest.approx(1 / P_SCALE)
+                bound["O"].copy_(emulated_kernel(*(args[n] for n in ("q", "k", "v", "descale_q", "descale_k",
+                                                                       "descale_v", "scale_o"))))
+
+        self.graphs.append(Graph())
+        return self.graphs[-1]
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """CPU tensors passed off as the GPU's to build_graph and the op's cuDNN path."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    monkeypatch.setattr(attention_fp8, "GRAPHS", {})
+    monkeypatch.setattr(attention_fp8, "HANDLES", {})
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["wired", "no-engine"])
+def test_cudnn_path_with_a_fake_frontend(fails, fake_gpu, monkeypatch):
+    """The op's cuDNN path (the function behind the op's CUDA kernel) binds each buffer to the graph operand of its
+    name: with the fake frontend it gives what the emulation gives; the graph is built once per shape. A graph cuDNN
+    has no engine for is one UserError naming the shape."""
+    frontend = FakeFrontend(fails)
+    monkeypatch.setitem(sys.modules, "cudnn", frontend)
+    q, k, v = flux_like(128, 2, k_offset=1, v_offset=1)
+    operands = [*attention_fp8.quantize(q, False)[:2], *attention_fp8.quantize(k, True)[:2],
+                *attention_fp8.quantize(v, True)[:2]]
+    q8, k8, v8 = operands[0::2]
+    scales = (*operands[1::2], 1 / operands[5])
+    cudnn_path = attention_fp8.cudnn_fp8_attention._init_fn  # the op's CUDA implementation, as written
+    if fails:
+        with pytest.raises(opt.UserError, match=r"no fp8 attention for \[B, H, S, D\] = \[1, 2, 128, 128\] \(128 "
+                           r"keys\) on Some GPU \(RuntimeError: cudnnGraphNotSupportedError: no engine\); choose"):
+            cudnn_path(q8, k8, v8, *scales)
+        return
+    for _ in range(2):
+        assert torch.equal(cudnn_path(q8, k8, v8, *scales).float(), emulated_kernel(q8, k8, v8, *scales).float())
+    assert len(frontend.graphs) == 1 and attention_fp8.describe() == "cuDNN fp8 graphs 1x2x128x128x128"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
