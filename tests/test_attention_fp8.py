@@ -2,7 +2,8 @@
 
 On the CPU: the per-tensor quantization and smoothing, and the whole 8-bit attention with `emulated_kernel` standing in
 for cuDNN's (registered as the custom op's CPU implementation), against float32 attention; the model step with it,
-eager and compiled with fullgraph=True (dynamo traces around the custom op); where the choice is refused. The
+eager and compiled with fullgraph=True (dynamo traces around the custom op); where the choice is refused; the op's
+cuDNN path itself with a fake frontend (which buffer is bound to which operand, a graph per shape). The
 emulation is the kernel's math as its cuDNN graph states it, fed by the module's own scales: it reproduces the
 errors the kernel showed on the H200 (0.114 and 0.274 at the probe's gains 1 and 3; emulated 0.1135 and 0.2685).
 
