@@ -161,6 +161,8 @@ ROWS = {
     "opt-fp8": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8"), lossy=True),
     "opt-fp8-keep1": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8", "--fp8-keep-bf16", "1"),
                          lossy=True),
+    "opt-fp8-attn8": Row("optimized_inference.py",  # and 8-bit attention (opt-in, lossy; Hopper, attention_fp8.py)
+                         ("--no-text-buckets", "--quantize", "fp8", "--attention", "cudnn-fp8"), lossy=True),
     # The peers' caches, next to our fp8 rows.
     **{name: Row(SCRIPT, ("--worker", name), lossy=True, package=peer.package)
        for name, peer in peers.PEERS.items() if peer.lossy},

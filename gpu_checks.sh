@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
 # Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [ttfi] [offload] [fp8-error] [batch] [parallel]
-#        [mixed] [sweep] [startup] [bench CONFIGS] [bench-old CONFIGS] [peers1] [peers2] [peers3] [peers-cp2]
-#        [peers-cp4]
+#        [mixed] [sweep] [startup] [attn8-tests] [attn8] [bench CONFIGS] [bench-old CONFIGS] [peers1] [peers2]
+#        [peers3] [peers-cp2] [peers-cp4]
 # (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
-# counts of `parallel` (default "1 2 4"). `bench-old` runs ./old/benchmark.py: the code before a change, exported
-# there with `git archive REV | tar -x -C old` and carried, so that old and new rows share one call and one card.
+# counts of `parallel` (default "1 2 4"); $ATTN8_QUANT the --quantize values of `attn8` (default "none fp8").
+# `bench-old` runs ./old/benchmark.py: the code before a change, exported there with `git archive REV | tar -x -C old`
+# and carried, so that old and new rows share one call and one card.
 # peers1-3 (issue 16): the peers' rows beside our bf16 one, each step one call of under 10 minutes: peers1 the lossless
 # xdit and cache-dit, peers2 the lossy rows with our fp8 one, peers3 para-attn alone (its max-autotune compile). Their
 # wheels come from .whl/peers (bash peer_wheels.sh where there is a package index); $PEER_TIMEOUT caps each row.
 # peers-cpN (a kind with N GPUs): our context parallelism and ParaAttention's over N GPUs, beside our one-GPU row.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-# diffusers is not on the device image (a caller running several of these at once installs it first)
-if ! python3 -c "import diffusers" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# diffusers is not on the device image, nor NVIDIA's cuDNN frontend (`import cudnn`, for --attention cudnn-fp8); a
+# caller running several of these at once installs them first. A wheel built per Python version is carried once per
+# version: pip takes, by package name, the one that fits this interpreter.
+if ! python3 -c "import diffusers, cudnn" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    --find-links .whl $(ls .whl/*.whl | sed 's#.*/##; s#-.*##' | sort -u)
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
@@ -22,6 +26,8 @@ PROMPT="a photograph of a red fox in fresh snow, golden hour"
 steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(tests reference optimized)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
 python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)" | tee -a "$OUT/env.txt"
+python3 -c "import cudnn; print('cudnn frontend', cudnn.__version__, 'backend', cudnn.backend_version())" 2>&1 \
+  | tail -1 | tee -a "$OUT/env.txt"
 status=0
 stamp() { python3 -u -c "import sys, time; t = time.time(); [print(f'{time.time() - t:6.1f} {l}', end='') for l in sys.stdin]"; }
 while [ ${#steps[@]} -gt 0 ]; do
@@ -60,6 +66,30 @@ PY
       python3 optimized_inference.py --random-weights --prompt "$PROMPT" --no-text-buckets --quantize fp8 \
         --compare-bf16 --runs 1 --timings-json "$OUT/fp8-error.json" --output "$OUT/fp8.png" 2>&1 \
         | tee "$OUT/fp8-error.log" || status=1 ;;
+    attn8-tests)  # issue 15: cuDNN's fp8 attention at FLUX's shape, in a CUDA graph, compiled, in the full model
+      python3 -m pytest -q -rA -s -m cuda tests/test_attention_fp8.py 2>&1 | tee "$OUT/attn8-tests.log" || status=1 ;;
+    attn8)  # issue 15: bf16 against 8-bit attention, with bf16 and with fp8 linear layers, one seed; then the
+            # 8-bit image's PSNR/SSIM against the bf16-attention one (random weights: a proxy, the error understated)
+      for quant in ${ATTN8_QUANT:-none fp8}; do
+        for attn in auto cudnn-fp8; do
+          name=attn8-$quant-$attn
+          python3 optimized_inference.py --random-weights --prompt "$PROMPT" --no-text-buckets --runs 3 \
+            --quantize $quant --attention $attn --timings-json "$OUT/$name.json" --output "$OUT/$name.png" \
+            --profile "$OUT/$name-profile.json" 2>&1 | tee "$OUT/$name.log" || status=1
+        done
+        python3 - "$OUT/attn8-$quant-cudnn-fp8.png" "$OUT/attn8-$quant-auto.png" 2>&1 <<'PY' | tee -a "$OUT/attn8.log" || status=1
+import sys
+
+import numpy as np
+from PIL import Image
+
+from fp8 import psnr, ssim
+
+fp8_attention, bf16_attention = (np.asarray(Image.open(path).convert("RGB")) for path in sys.argv[1:])
+print(f"{sys.argv[1]} against {sys.argv[2]}: PSNR {psnr(fp8_attention, bf16_attention):.2f} dB, "
+      f"SSIM {ssim(fp8_attention, bf16_attention):.4f}")
+PY
+      done ;;
     parallel)  # issue 7: the same request on 1, 2 and 4 GPUs (a multi-GPU kind)
       for n in ${NPROCS:-1 2 4}; do
         torchrun --standalone --nproc-per-node $n optimized_inference.py --random-weights --prompt "$PROMPT" \
@@ -160,7 +190,8 @@ PY
 done
 for f in "$OUT"/mixed-*.log; do [ -f "$f" ] && { echo "$f"; grep -E "models loaded|first batch in|images in" "$f"; }; done
 for f in "$OUT"/bench/results.md "$OUT"/bench-old/results.md "$OUT"/peers*/results.md; do [ -f "$f" ] && { echo "$f"; grep '^|' "$f"; }; done
-for f in "$OUT"/reference.json "$OUT"/optimized.json "$OUT"/offload.json "$OUT"/fp8-error.json "$OUT"/cp*.json; do
+for f in "$OUT"/reference.json "$OUT"/optimized.json "$OUT"/offload.json "$OUT"/fp8-error.json "$OUT"/cp*.json \
+         "$OUT"/attn8-{none,fp8}-{auto,cudnn-fp8}.json; do
   [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], *(f'{k}={d[k][\"median\"]:.3f}s' for k in ('text_encoders','denoiser','vae','end_to_end')), f'warmup={d[\"warmup_s\"]:.1f}s peak={d.get(\"peak_mem_GiB\",0):.1f}GiB')" "$f"
 done
 exit $status

@@ -13,9 +13,9 @@ The transformer and the sampler are written out here; tokenizers, text encoders 
 transformers and diffusers. This file mirrors single_file_inference.py section by section, so
 `diff single_file_inference.py optimized_inference.py` reads as the list of optimizations. `Options` below is their
 index: each is on by default, has a --no-... flag and its reason. What goes beyond one image on one GPU lives in
-sibling modules imported only when their flag is used: fp8.py (--quantize fp8), prompts_file.py (--prompts-file,
---offload-text-encoders), context_parallel.py (torchrun), bfl_checkpoint.py (single-file checkpoints), lora.py
-(--lora), profiling.py (--profile).
+sibling modules imported only when their flag is used: fp8.py (--quantize fp8), attention_fp8.py (--attention
+cudnn-fp8), prompts_file.py (--prompts-file, --offload-text-encoders), context_parallel.py (torchrun),
+bfl_checkpoint.py (single-file checkpoints), lora.py (--lora), profiling.py (--profile).
 """
 
 from __future__ import annotations
@@ -225,9 +225,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, halves: bo
     return (x.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).to(x.dtype)
 
 
-ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "sdpa", "fa2", "fa3")
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "sdpa", "fa2", "fa3", "cudnn-fp8")
 # --attention auto, fastest first per GPU architecture. Hopper, on an H200 at FLUX's shape: cuDNN 535-607 TFLOP/s,
-# FlashAttention-4 444, FlashAttention-2 (SDPA's flash) 301 (BENCHMARKS.md); other GPUs: not measured here.
+# FlashAttention-4 444, FlashAttention-2 (SDPA's flash) 301 (BENCHMARKS.md); other GPUs: not measured here. Lossy
+# kernels (cudnn-fp8: 8-bit q/k/v, attention_fp8.py) are opt-in only: auto never picks them.
 AUTO_ATTENTION = {9: ("cudnn", "fa3", "fa2", "sdpa"), "other": ("fa2", "cudnn", "sdpa")}
 
 
@@ -237,8 +238,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     The backend is named, not left to SDPA's heuristics, which pick the flash kernel at half cuDNN's rate on Hopper.
     """
     if backend in ("fa2", "fa3"):  # FlashAttention packages take [B, S, H, D] as is
-        out = FLASH_ATTN_FUNCS[backend](q, k, v)
+        out = ATTENTION_FUNCS[backend](q, k, v)
         return (out[0] if isinstance(out, tuple) else out).flatten(2)
+    if backend == "cudnn-fp8":  # quantizes q/k/v, calls cuDNN's fp8 kernel, returns [B, S, H*D] (attention_fp8.py)
+        return ATTENTION_FUNCS[backend](q, k, v)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
     if backend == "cudnn":
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, False, False)[0]
@@ -249,7 +252,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     return out.transpose(1, 2).flatten(2)
 
 
-FLASH_ATTN_FUNCS = {}
+ATTENTION_FUNCS = {}  # kernels outside torch, by --attention name: loaded by resolve_attention
 
 
 def resolve_attention(backend: str, device: torch.device) -> str:
@@ -262,12 +265,17 @@ def resolve_attention(backend: str, device: torch.device) -> str:
     for name in AUTO_ATTENTION.get(major, AUTO_ATTENTION["other"]) if backend == "auto" else [backend]:
         if name in ("fa2", "fa3"):  # FlashAttention-3's Hopper package, or FlashAttention-2's
             try:
-                FLASH_ATTN_FUNCS[name] = importlib.import_module(
+                ATTENTION_FUNCS[name] = importlib.import_module(
                     "flash_attn_interface" if name == "fa3" else "flash_attn").flash_attn_func
             except ImportError:
                 continue
         elif name == "cudnn" and not torch.backends.cudnn.is_available():
             continue
+        elif name == "cudnn-fp8":  # named only, never in AUTO_ATTENTION: refused here if this GPU cannot run it
+            import attention_fp8
+
+            attention_fp8.check_cudnn_fp8_support(device)
+            ATTENTION_FUNCS[name] = attention_fp8.attention
         return name
     raise UserError(f"--attention {backend} is not available here (FlashAttention needs the flash-attn package)")
 
@@ -954,9 +962,16 @@ def describe(pipe: Pipeline) -> str:
     model, seen, modules = pipe.transformer, pipe.seen, list(pipe.transformer.modules())
     count = lambda test: sum(1 for m in modules if test(m))  # noqa: E731
     fp8 = sys.modules.get("fp8")  # never imported: no fp8 layer can exist
-    # The function every attention module calls, with its kernel: "cudnn", or "cudnn (context_parallel_attention)".
-    attends = {m.attend.keywords["backend"] + ("" if m.attend.func is attention else f" ({m.attend.func.__name__})")
-               for m in modules if isinstance(m, (DoubleAttention, SingleAttention))}
+
+    def kernel(attend) -> str:
+        """The function an attention module calls, with its kernel: "cudnn", "cudnn (context_parallel_attention)", or
+        for cudnn-fp8 the shapes its cuDNN graphs were built for (the kernel ran)."""
+        backend = attend.keywords["backend"]
+        if backend == "cudnn-fp8":
+            backend += f" ({sys.modules['attention_fp8'].describe()})"
+        return backend + ("" if attend.func is attention else f" ({attend.func.__name__})")
+
+    attends = {kernel(m.attend) for m in modules if isinstance(m, (DoubleAttention, SingleAttention))}
     blocks = count(lambda m: getattr(m, "_compiled_call_impl", None) is not None)
     compiled = f"{blocks} blocks" if blocks else "whole step" if seen.get("whole_step_compiled") else "off"
     if blocks and model.compile_options:

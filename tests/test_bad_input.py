@@ -85,6 +85,7 @@ CASES = {
     "out-of-memory-names-the-options": Case([], ["--offload-text-encoders, --quantize fp8"], OPT, GPU_OOM),
     "attention-cudnn-on-cpu": Case(["--attention", "cudnn"], ["--attention cudnn", "CUDA"], OPT),
     "attention-fa3-on-cpu": Case(["--attention", "fa3"], ["--attention fa3", "CUDA"], OPT),
+    "attention-cudnn-fp8-on-cpu": Case(["--attention", "cudnn-fp8"], ["--attention cudnn-fp8", "CUDA"], OPT),
     "inductor-tuning-without-compile": Case(["--inductor-tuning", "--no-compile"], ["--inductor-tuning"], OPT),
     "profile-in-missing-directory": Case(["--profile", "{tmp}/no/such/dir/p.json"], ["no/such/dir"], OPT),
     "compare-bf16-without-fp8": Case(["--compare-bf16"], ["--compare-bf16", "it needs --quantize fp8"], OPT),

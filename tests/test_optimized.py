@@ -435,7 +435,8 @@ def test_help_says_what_each_flag_does():
         if f.name != "attention":
             assert f"--no-{f.name.replace('_', '-')} turn off: {' '.join(f.metadata['what'].split())}" in text
     assert "(default: 28 for dev, 4 for schnell)" in text and "(default: outputs)" in text
-    assert "--attention {auto,cudnn,flash,sdpa,fa2,fa3} the attention kernel" in text and "(default: auto)" in text
+    assert "--attention {auto,cudnn,flash,sdpa,fa2,fa3,cudnn-fp8} the attention kernel" in text
+    assert "(default: auto)" in text
 
 
 def test_attention_per_architecture(monkeypatch, capsys):
