@@ -270,6 +270,8 @@ def test_cli_matches_reference_and_diffusers(flags, tiny_pipeline_dir, reference
                                             monkeypatch):
     reference_png, diffusers_png, reference_latents = reference_images
     capsys.readouterr()
+    torch._dynamo.reset()  # the evidence counts dynamo's graphs and cache hits in this process: none from other tests
+    torch._dynamo.utils.counters.clear()
     decoded = []
     monkeypatch.setattr(oi, "decode", recording(oi, decoded))
     out = tmp_path / "opt.png"
