@@ -898,6 +898,9 @@ def optimize(transformer: Flux, vae: nn.Module, opts: Options) -> Flux | None:
         # Dynamic shapes: sizes that happen to be equal (a 128-token text and head_dim, say) get separate symbols,
         # else one guard ties them and the next size recompiles.
         torch.fx.experimental._config.use_duck_shape = not opts.dynamic_shapes
+        # Python floats (norm eps, scales) as constants: left symbolic, they made dynamo trace the double block twice
+        # (a restart from its scalar-to-tensor pass), seconds of every process's warm-up.
+        torch._dynamo.config.specialize_float = True
         if opts.regional_compile:  # else the whole step is compiled, in step_function
             compile_blocks(transformer, compile_options(opts), opts.dynamic_shapes)
     if opts.compile and opts.compile_vae:
