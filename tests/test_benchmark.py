@@ -9,7 +9,7 @@ import pytest
 
 import benchmark
 
-SMOKE_CONFIGS = ["reference", "opt-bf16", "opt+attention", "diffusers-eager"]
+SMOKE_CONFIGS = ["reference", "opt+attention", "diffusers-eager"]  # the all-off rung: test_optimized, in process
 
 
 def test_flop_per_step_at_1024_and_512_text_tokens():
