@@ -13,6 +13,7 @@ attention, compiled and CUDA-graphed.
 """
 
 import contextlib
+import copy
 import functools
 import math
 import sys
@@ -158,8 +159,8 @@ def cpu_fp8_attention(monkeypatch):
 @torch.no_grad()
 def test_model_step_with_fp8_attention(tiny_pipeline_dir, cpu_fp8_attention):
     """The tiny model's Euler step with 8-bit attention: off the float32 step by fp8's error (a step whose attention
-    took the wrong keys is the control), and compiled with fullgraph=True, tracing around the custom op, it computes
-    what eager does. describe() names the kernel the modules call."""
+    took the wrong keys is the control), and its blocks compiled with fullgraph=True, tracing around the custom op,
+    compute what eager does. describe() names the kernel the modules call."""
     from tests.test_compile import step_inputs
 
     opts = opt.effective_options(opt.Options(text_buckets=False), torch.device("cpu"))
@@ -169,7 +170,9 @@ def test_model_step_with_fp8_attention(tiny_pipeline_dir, cpu_fp8_attention):
     exact = opt.euler_step(model, x, dt, cond)
     model.set_attention(functools.partial(opt.attention, backend="cudnn-fp8"))
     eager = opt.euler_step(model, x, dt, cond)
-    compiled = torch.compile(functools.partial(opt.euler_step, model), fullgraph=True, dynamic=False)(x, dt, cond)
+    compiled_model = copy.deepcopy(model)
+    opt.compile_blocks(compiled_model)  # fullgraph=True, as the script compiles them
+    compiled = opt.euler_step(compiled_model, x, dt, cond)
     model.set_attention(lambda q, k, v: opt.attention(q, k.flip(1), v, backend="cudnn-fp8"))
     control = opt.euler_step(model, x, dt, cond)
     update = (exact - x).norm()  # errors relative to the update, not to x
