@@ -120,7 +120,7 @@ LADDER = {
     "opt+fused-qkv": ("--no-fused-qkv",),
     "opt+euler-in-graph": ("--no-euler-in-graph",),
     "opt+precompute": ("--no-precompute",),
-    "opt+compile": ("--no-compile", "--no-channels-last-vae"),  # channels-last VAE rides on this rung (run 27: ~0)
+    "opt+compile": ("--no-compile", "--no-channels-last-vae"),  # channels-last VAE rides on this rung
     "opt+cuda-graphs": ("--no-cuda-graphs",),
     "opt+rope-halves": ("--no-rope-halves",),
     "opt+rope-per-stream": ("--no-rope-per-stream",),
