@@ -895,12 +895,8 @@ def optimize(transformer: Flux, vae: nn.Module, opts: Options) -> Flux | None:
     if opts.channels_last_vae:  # the decoder's convolutions run faster in NHWC
         vae.to(memory_format=torch.channels_last)
     if opts.compile:  # fuses the elementwise work around the matmuls into few kernels
-        # Dynamic shapes: sizes that happen to be equal (a 128-token text and head_dim, say) get separate symbols,
-        # else one guard ties them and the next size recompiles.
-        torch.fx.experimental._config.use_duck_shape = not opts.dynamic_shapes
-        # Python floats (norm eps, scales) as constants: left symbolic, they made dynamo trace the double block twice
-        # (a restart from its scalar-to-tensor pass), seconds of every process's warm-up.
-        torch._dynamo.config.specialize_float = True
+        if opts.dynamic_shapes:
+            dynamic_shapes_config()
         if opts.regional_compile:  # else the whole step is compiled, in step_function
             compile_blocks(transformer, compile_options(opts), opts.dynamic_shapes)
     if opts.compile and opts.compile_vae:
@@ -908,6 +904,15 @@ def optimize(transformer: Flux, vae: nn.Module, opts: Options) -> Flux | None:
         quiet_compile_warnings()
         vae.decode = torch.compile(vae.decode, fullgraph=True, dynamic=opts.dynamic_shapes)
     return bf16
+
+
+def dynamic_shapes_config() -> None:
+    """Dynamo settings for symbolic sizes: no duck sizing, as sizes that happen to be equal (a 128-token text and
+    head_dim, say) would share one symbol and the next size would recompile; and Python floats (norm eps, scales) as
+    constants, as symbolic ones made dynamo trace the double block twice (a restart from its scalar-to-tensor pass),
+    seconds of every process's warm-up."""
+    torch.fx.experimental._config.use_duck_shape = False
+    torch._dynamo.config.specialize_float = True
 
 
 def quiet_compile_warnings() -> None:

@@ -27,6 +27,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
 
 
+@pytest.fixture(autouse=True)
+def restore_dynamo_settings():
+    """optimize() with dynamic shapes changes two global dynamo settings (dynamic_shapes_config): undone after each
+    test, so that later tests compile as they would alone."""
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+
+    saved = fx_config.use_duck_shape, torch._dynamo.config.specialize_float
+    yield
+    fx_config.use_duck_shape, torch._dynamo.config.specialize_float = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A tiny random-weight FLUX.1-dev-like pipeline (with guidance embedding), built once."""

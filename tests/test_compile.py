@@ -96,7 +96,7 @@ def test_compile_options_per_mode(tiny):
 
 
 @torch.no_grad()
-def test_three_sizes_compile_the_blocks_once(tiny_pipeline_dir, tmp_path, monkeypatch):
+def test_three_sizes_compile_the_blocks_once(tiny_pipeline_dir, tmp_path):
     """Dynamic shapes: a prompts file over three sizes compiles one graph per block kind, each traced once (no
     restart), and its images are the images of three single-prompt runs of the eager model."""
     opts = opt.effective_options(opt.Options(text_buckets=False), torch.device("cpu"))
@@ -107,8 +107,6 @@ def test_three_sizes_compile_the_blocks_once(tiny_pipeline_dir, tmp_path, monkey
             for i, (h, w) in enumerate(sizes)]
     alone = [opt.generate(pipe, opt.Request([j.prompt], [j.prompt], j.height, j.width, j.steps, j.guidance, [j.seed],
                                             16), opt.Timer(pipe.device))[0] for j in jobs]
-    monkeypatch.setattr(torch.fx.experimental._config, "use_duck_shape", True)  # optimize() sets these: restore after
-    monkeypatch.setattr(torch._dynamo.config, "specialize_float", torch._dynamo.config.specialize_float)
     torch._dynamo.reset()
     counters.clear()
     torch._dynamo.utils.compilation_time_metrics.clear()
