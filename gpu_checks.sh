@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
 # Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [ttfi] [offload] [fp8-error] [batch] [parallel]
-#        [mixed] [sweep] [startup] [attn8-tests] [attn8] [bench CONFIGS] [bench-old CONFIGS] [peers1] [peers2]
+#        [mixed] [sweep] [vae] [startup] [attn8-tests] [attn8] [bench CONFIGS] [bench-old CONFIGS] [peers1] [peers2]
 #        [peers3] [peers-cp2] [peers-cp4]
 # (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
 # counts of `parallel` (default "1 2 4"); $ATTN8_QUANT the --quantize values of `attn8` (default "none fp8").
@@ -148,6 +148,12 @@ print(oi.describe(pipe))
 PY
       done
       grep '^{' "$OUT/sweep.log" ;;
+    vae)  # the VAE's options at 1024x1024, each a process: eager channels-last (default), eager contiguous, compiled
+      for flags in "" "--no-channels-last-vae" "--compile-vae"; do
+        name=vae${flags:+-${flags#--}}
+        python3 optimized_inference.py --random-weights --prompt "$PROMPT" --no-text-buckets --runs 3 $flags \
+          --timings-json "$OUT/$name.json" --output /tmp/$name.png 2>&1 | tail -6 | tee "$OUT/$name.log" || status=1
+      done ;;
     startup)  # issue 14: where a warm start's time goes: imports, CUDA, model build, then dynamo per phase
       python3 - <<'PY' 2>&1 | tee "$OUT/startup.log"
 import time
@@ -190,7 +196,7 @@ PY
 done
 for f in "$OUT"/mixed-*.log; do [ -f "$f" ] && { echo "$f"; grep -E "models loaded|first batch in|images in" "$f"; }; done
 for f in "$OUT"/bench/results.md "$OUT"/bench-old/results.md "$OUT"/peers*/results.md; do [ -f "$f" ] && { echo "$f"; grep '^|' "$f"; }; done
-for f in "$OUT"/reference.json "$OUT"/optimized.json "$OUT"/offload.json "$OUT"/fp8-error.json "$OUT"/cp*.json \
+for f in "$OUT"/reference.json "$OUT"/optimized.json "$OUT"/offload.json "$OUT"/fp8-error.json "$OUT"/cp*.json "$OUT"/vae*.json \
          "$OUT"/attn8-{none,fp8}-{auto,cudnn-fp8}.json; do
   [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], *(f'{k}={d[k][\"median\"]:.3f}s' for k in ('text_encoders','denoiser','vae','end_to_end')), f'warmup={d[\"warmup_s\"]:.1f}s peak={d.get(\"peak_mem_GiB\",0):.1f}GiB')" "$f"
 done
