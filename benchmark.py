@@ -53,6 +53,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -355,8 +356,9 @@ def run_peer(args) -> int:
         raise RuntimeError("NaN/Inf in the latents after denoising")
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 reports as our scripts do
         with open(args.timings_json, "w") as f:
+            cached = peer.cached_steps(pipe) if peer is not None and peer.cached_steps else None
             json.dump({"script": f"{SCRIPT} --worker {args.worker}", "args": vars(args),
-                       **summarize(per_run, warmup_s, device)}, f, indent=1)
+                       **summarize(per_run, warmup_s, device), "cached_steps": cached}, f, indent=1)
     return 0
 
 
@@ -381,12 +383,15 @@ def row_command(row: Row, args, scratch: str) -> list[str]:
     return cmd
 
 
-def last_line(path: str, start: int) -> str:
-    """The last non-empty line of a log from byte `start` on: an error message or a traceback's final line."""
+def error_line(path: str, start: int) -> str:
+    """A failed row's error, from its log from byte `start` on: the last exception line of a traceback (torchrun
+    prefixes "[rank0]: ", and warnings printed at exit can follow it), else the last non-empty line."""
     with open(path, errors="replace") as f:
         f.seek(start)
-        lines = [line.strip() for line in f.read().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+        lines = [re.sub(r"^\[rank\d+\]:\s*", "", line).strip() for line in f.read().splitlines()]
+    lines = [line for line in lines if line]
+    errors = [line for line in lines if re.match(r"([\w.]+(Error|Exception|Interrupt)|error): ", line)]
+    return (errors or lines or [""])[-1]
 
 
 def too_few_gpus(row: Row, args) -> str | None:
@@ -430,7 +435,7 @@ def run_row(name: str, row: Row, args) -> dict:
     if returncode is None:
         error = f"timed out after {args.timeout} s"
     elif timings is None:
-        error = last_line(log_path, output_start) or f"exit status {returncode}"
+        error = error_line(log_path, output_start) or f"exit status {returncode}"
     else:
         error = None
     return {"command": shlex.join(cmd), "log": log_path, "wall_s": wall_s, "timings": timings,
@@ -447,12 +452,13 @@ def row_record(name: str, row: Row, run: dict, args, sizes: dict, roofline: dict
               "text_tokens": text_tokens, "flop_per_step": {"linear": linear, "attention": attention},
               **{stage: None for stage in STAGES}, "warmup_s": None, "peak_mem_GiB": None, "achieved_tflops": None,
               "roofline_s": None, "roofline_pct": None, "images_per_hour": None, "cost_per_1000_images": None,
-              "runs": None, "command": run["command"], "log": run["log"], "wall_s": run["wall_s"]}
+              "cached_steps": None, "runs": None, "command": run["command"], "log": run["log"], "wall_s": run["wall_s"]}
     timings = run["timings"]
     if timings is None:
         return record
     record.update({stage: timings[stage] for stage in STAGES})
-    record.update(warmup_s=timings["warmup_s"], peak_mem_GiB=timings.get("peak_mem_GiB"), runs=timings["runs"])
+    record.update(warmup_s=timings["warmup_s"], peak_mem_GiB=timings.get("peak_mem_GiB"), runs=timings["runs"],
+                  cached_steps=timings.get("cached_steps"))
     denoiser, end_to_end = timings["denoiser"]["median"], timings["end_to_end"]["median"]
     record["achieved_tflops"] = args.steps * (linear + attention) / denoiser / 1e12
     if roofline and roofline["attention_best_tflops"]:
@@ -541,6 +547,12 @@ def markdown(results: dict) -> str:
                   "", *table_lines(lossy)]
     lines += ["", f"Median of {settings['runs']} timed run(s) after {settings['warmup']} warm-up run(s) (warm-up s: "
                   "all of these, compilation included); every configuration in its own process."]
+    cached = [f"{r['config']} {r['cached_steps']} of {settings['steps']}" for r in results["rows"]
+              if r["cached_steps"] is not None]
+    if cached:
+        lines.append(f"Steps served from a cache in the last timed run: {', '.join(cached)}."
+                     + (" With random weights a cache sees other step-to-step changes than with FLUX's own: its "
+                        "speed here is not what it gives with real weights." if results["random_weights"] else ""))
     if any(r["text_tokens"] != settings["max_sequence_length"] for r in results["rows"]):
         lines.append("opt-textN rows run N text tokens.")
     roofline = results["roofline"]

@@ -27,6 +27,7 @@ engine. The packages are optional (requirements-peers.txt); this module imports 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib.metadata
 import os
@@ -42,11 +43,14 @@ class Peer:
     """A peer's row: the distribution it needs, whether it changes the output, and its setup on the pipeline.
 
     setup(pipe, args) changes the pipeline in place and may return a function to call before every request (None:
-    nothing to do per request)."""
+    nothing to do per request). cached_steps(pipe), for a row with a step cache: how many of the last request's
+    steps the cache served. A cache decides from how much the first blocks' output changed since the last step, which
+    depends on the weights: with random weights it may serve none, and the row then times the compute of every step."""
 
     package: str
     lossy: bool
     setup: Callable
+    cached_steps: Callable | None = None
 
 
 def package_version(package: str) -> str | None:
@@ -76,6 +80,7 @@ def init_single_process_group(device: torch.device) -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(torch.distributed.destroy_process_group)  # else NCCL's exit warning ends a failed row's log
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -170,11 +175,19 @@ def setup_cache_dit(pipe, args, dbcache: bool = False):
     return None
 
 
+def cache_dit_cached_steps(pipe) -> int:
+    """The steps of the last request that DBCache served from its cache (cache-dit's own statistics)."""
+    import cache_dit
+
+    return len(cache_dit.summary(pipe, logging=False)[0].cached_steps)
+
+
 PEERS = {
     "xdit": Peer("xfuser", lossy=False, setup=setup_xdit),
     "para-attn": Peer("para-attn", lossy=False, setup=setup_para_attn),
     "para-attn-fbcache": Peer("para-attn", lossy=True,
                               setup=lambda pipe, args: setup_para_attn(pipe, args, fbcache_threshold=0.08)),
     "cache-dit": Peer("cache-dit", lossy=False, setup=setup_cache_dit),
-    "cache-dit-dbcache": Peer("cache-dit", lossy=True, setup=lambda pipe, args: setup_cache_dit(pipe, args, True)),
+    "cache-dit-dbcache": Peer("cache-dit", lossy=True, setup=lambda pipe, args: setup_cache_dit(pipe, args, True),
+                              cached_steps=cache_dit_cached_steps),
 }

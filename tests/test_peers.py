@@ -121,3 +121,45 @@ def test_a_peer_row_runs_on_the_cpu_tiny_pipeline(tiny_pipeline_dir, tmp_path):
     assert len(timings["runs"]) == benchmark.SMOKE["runs"]
     for stage in benchmark.STAGES:
         assert 0 < timings[stage]["median"] < math.inf
+    assert timings["cached_steps"] == 0  # 2 steps, all inside DBCache's 8 warm-up steps
+
+
+CACHED = """
+import sys, torch, benchmark, peers, cache_dit
+from diffusers import FluxPipeline
+from single_file_inference import Timer
+config = cache_dit.DBCacheConfig  # any change counts as small: every step after the warm-up may come from the cache
+cache_dit.DBCacheConfig = lambda **kwargs: config(**{**kwargs, "residual_diff_threshold": 1e9})
+args = benchmark.parse_args(["--smoke", "--model", sys.argv[1]])
+args.steps = 12
+pipe = FluxPipeline.from_pretrained(args.model)
+pipe.set_progress_bar_config(disable=True)
+peers.PEERS["cache-dit-dbcache"].setup(pipe, args)
+for _ in range(2):
+    benchmark.peer_generate(pipe, args, Timer(torch.device("cpu")))
+    print("cached", peers.PEERS["cache-dit-dbcache"].cached_steps(pipe))
+"""
+
+
+def test_a_cache_row_counts_the_steps_its_cache_served(tiny_pipeline_dir):
+    """What the report's "steps served from a cache" reads: with every change below the threshold, DBCache serves
+    12 - 8 warm-up steps at most 3 in a row, so 3 steps of each request (the count is per request, not cumulative)."""
+    pytest.importorskip("cache_dit")
+    proc = run_eager(CACHED, tiny_pipeline_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "cached 3\ncached 3\n" in proc.stdout
+
+
+def test_a_failed_row_reports_the_exception_not_the_exit_warnings(tmp_path):
+    """As run 30's para-attn-fbcache log ended: torchrun's rank prefix, the exception, then NCCL's warning at exit."""
+    log = tmp_path / "row.log"
+    log.write_text("$ python benchmark.py --worker para-attn-fbcache\n"
+                   "[rank0]:     return forward_call(*args, **kwargs)\n"
+                   "[rank0]: TypeError: FluxSingleTransformerBlock.forward() missing 1 required positional argument\n"
+                   "[rank0]:[W1201 13:28:29.322078289 ProcessGroupNCCL.cpp:1575] Warning: WARNING: "
+                   "destroy_process_group() was not called before program exit\n\n")
+    start = len(log.read_text().splitlines()[0]) + 1
+    assert benchmark.error_line(str(log), start) == (
+        "TypeError: FluxSingleTransformerBlock.forward() missing 1 required positional argument")
+    log.write_text("$ cmd\nsomething went wrong without a traceback\n")
+    assert benchmark.error_line(str(log), 6) == "something went wrong without a traceback"
