@@ -14,7 +14,8 @@ transformers and diffusers. This file mirrors single_file_inference.py section b
 `diff single_file_inference.py optimized_inference.py` reads as the list of optimizations. `Options` below is their
 index: each is on by default, has a --no-... flag and its reason. What goes beyond one image on one GPU lives in
 sibling modules imported only when their flag is used: fp8.py (--quantize fp8), attention_fp8.py (--attention
-cudnn-fp8), prompts_file.py (--prompts-file, --offload-text-encoders), context_parallel.py (torchrun),
+cudnn-fp8), prompts_file.py (--prompts-file, --offload-text-encoders), precompile.py (--compile-cache's saved
+graphs), context_parallel.py (torchrun),
 bfl_checkpoint.py (single-file checkpoints), lora.py (--lora), profiling.py (--profile).
 """
 

@@ -26,10 +26,10 @@ pytestmark = pytest.mark.skipif(not precompile.available(), reason="torch before
 SIZES = [(40, 56), (64, 32), (48, 48)]  # 35, 32 and 36 image tokens: one dynamic graph per block kind serves all
 
 
-def compiled_on_cpu() -> opt.Options:
-    """Compiled blocks on the CPU (forced: there the default is eager), no CUDA graphs."""
-    return dataclasses.replace(opt.effective_options(opt.Options(text_buckets=False), torch.device("cpu")),
-                               compile=True)
+def compiled_on(device: str = "cpu", quantize: str = "none") -> opt.Options:
+    """The defaults on `device`; on the CPU compiled blocks forced (there the default is eager), no CUDA graphs."""
+    opts = opt.effective_options(opt.Options(text_buckets=False, quantize=quantize), torch.device(device))
+    return dataclasses.replace(opts, compile=True)
 
 
 def jobs() -> list[prompts_file.Job]:
@@ -38,10 +38,11 @@ def jobs() -> list[prompts_file.Job]:
             for i, (h, w) in enumerate(SIZES)]
 
 
-def draw(model_dir: str, precompiled: str, output_dir: str) -> dict:
+def draw(model_dir: str, precompiled: str, output_dir: str, device: str = "cpu", quantize: str = "none") -> dict:
     """One process's work: the tiny pipeline compiled with saved graphs in `precompiled`, the three sizes drawn into
-    `output_dir`; returns what dynamo and the saved graphs show."""
-    pipe = opt.load_pipeline(model_dir, "cpu", torch.float32, compiled_on_cpu(), precompiled=precompiled)
+    `output_dir` (on a GPU in bf16 and CUDA graphs); returns what dynamo and the saved graphs show."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    pipe = opt.load_pipeline(model_dir, device, dtype, compiled_on(device, quantize), precompiled=precompiled)
     prompts_file.generate_many(pipe, jobs(), 1, 16, output_dir, {})
     return {"traced": counters["stats"]["unique_graphs"],
             "tracing": "bytecode_tracing" in torch._dynamo.utils.compilation_time_metrics,
@@ -71,7 +72,7 @@ def test_three_sizes_compile_the_blocks_once_and_draw_the_eager_images(first_pro
     assert not first["restarts"]  # each block kind traced once (dynamic_shapes_config), every size served by it
     assert "compiled graphs=2 for 3 step shapes, saved graphs loaded/compiled=0/2" in first["describe"]
     assert len(os.listdir(root / "graphs")) == 2
-    opts = dataclasses.replace(compiled_on_cpu(), compile=False)
+    opts = dataclasses.replace(compiled_on(), compile=False)
     pipe = opt.load_pipeline(tiny_pipeline_dir, "cpu", torch.float32, opts)
     for job in jobs():
         alone = opt.generate(pipe, opt.Request([job.prompt], [job.prompt], job.height, job.width, job.steps,
@@ -79,21 +80,37 @@ def test_three_sizes_compile_the_blocks_once_and_draw_the_eager_images(first_pro
         assert max_pixel_diff(read_png(root / "first" / f"{job.index:04d}-{job.seed}.png"), alone) <= 1
 
 
-def test_a_warm_process_loads_the_saved_graphs_and_traces_nothing(first_process, tiny_pipeline_dir):
-    root, _ = first_process
-    script = ("import json, sys; from tests.test_precompile import draw; "
-              "print(json.dumps(draw(*sys.argv[1:])))")
-    run = subprocess.run([sys.executable, "-c", script, tiny_pipeline_dir, str(root / "graphs"), str(root / "second")],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+def second_process(model_dir: str, root, *device_and_quantize: str) -> dict:
+    """draw() in a process of its own, with the graphs the first one saved; checks that it traced nothing and drew
+    the first process's images, pixel for pixel."""
+    script = "import json, sys; from tests.test_precompile import draw; print(json.dumps(draw(*sys.argv[1:])))"
+    run = subprocess.run([sys.executable, "-c", script, model_dir, str(root / "graphs"), str(root / "second"),
+                          *device_and_quantize], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     second = json.loads(run.stdout.splitlines()[-1])
     assert second["traced"] == 0 and not second["tracing"] and second["dynamo entries"] == 0, second
-    assert second["loaded"] == [1, 1] and second["compiled"] == [0, 0], second
-    assert "compiled graphs=2 for 3 step shapes, saved graphs loaded/compiled=2/0" in second["describe"]
+    assert second["compiled"] == [0, 0] and second["loaded"] == [1, 1], second
     names = sorted(os.listdir(root / "first"))
     assert names == sorted(os.listdir(root / "second")) and len(names) == len(SIZES)
     for name in names:
         assert max_pixel_diff(read_png(root / "first" / name), read_png(root / "second" / name)) == 0
+    return second
+
+
+def test_a_warm_process_loads_the_saved_graphs_and_traces_nothing(first_process, tiny_pipeline_dir):
+    second = second_process(tiny_pipeline_dir, first_process[0])
+    assert "compiled graphs=2 for 3 step shapes, saved graphs loaded/compiled=2/0" in second["describe"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quantize", ["none", "fp8"])
+def test_saved_graphs_under_cuda_graphs(tiny_pipeline_dir, tmp_path, quantize):
+    """On the GPU (bf16, each shape captured as a CUDA graph; fp8 too): the warm process traces nothing and draws the
+    same pixels."""
+    first = draw(tiny_pipeline_dir, str(tmp_path / "graphs"), str(tmp_path / "first"), "cuda", quantize)
+    assert first["compiled"] == [1, 1] and "cuda graphs=3" in first["describe"], first
+    second = second_process(tiny_pipeline_dir, tmp_path, "cuda", quantize)
+    assert "cuda graphs=3" in second["describe"] and "saved graphs loaded/compiled=2/0" in second["describe"]
 
 
 def test_a_graph_saved_for_anything_else_is_not_loaded(first_process, tiny_pipeline_dir, tmp_path, capsys,
@@ -101,7 +118,7 @@ def test_a_graph_saved_for_anything_else_is_not_loaded(first_process, tiny_pipel
     """A graph of another key planted under this key's name, and a damaged file: each is reported, removed and not
     loaded. An edit to a traced source changes the key, so no graph of the old code is even looked at."""
     root, _ = first_process
-    opts = compiled_on_cpu()
+    opts = compiled_on()
     block = opt.load_pipeline(tiny_pipeline_dir, "cpu", torch.float32, opts).transformer.transformer_blocks[0]
     saved = sorted((root / "graphs").glob("DoubleStreamBlock-*.pt"))[0]
     directory = tmp_path / "graphs"
