@@ -91,8 +91,9 @@ class PrecompiledBlocks:
             graph = torch.compiler.load_compiled_function(io.BytesIO(saved["graph"]),
                                                           f_globals=self.forward.__globals__)
         except Exception as e:  # another torch or GPU, a damaged or planted file: compile again instead
-            print(f"warning: precompiled graph {path} not used ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                  "it is compiled again", file=sys.stderr)
+            reason = (str(e).splitlines() or [""])[0]
+            print(f"warning: saved graph {path} not used ({type(e).__name__}: {reason}); it is compiled again",
+                  file=sys.stderr)
             os.remove(path)
             return
         graph.disable_guard_check()  # __call__ checks them, once
@@ -117,7 +118,9 @@ class PrecompiledBlocks:
                 data = pickle.dumps({"key": self.key, "graph": f.read()})
             with open(os.path.join(tmp, "saved"), "wb") as f:
                 f.write(data)
-            n = len(glob.glob(f"{self.stem}-*.pt"))
+            n = 0
+            while os.path.exists(f"{self.stem}-{n}.pt"):  # a removed stale file leaves a gap: fill it
+                n += 1
             os.replace(os.path.join(tmp, "saved"), f"{self.stem}-{n}.pt")
 
 
