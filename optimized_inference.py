@@ -1013,7 +1013,7 @@ def describe(pipe: Pipeline) -> str:
         "rope per stream": count(lambda m: getattr(m, "per_stream", False)), "attention": " + ".join(sorted(attends)),
         "sigmoid gelu": count(lambda m: getattr(m, "act", None) is gelu_tanh), "step": seen.get("step"),
         "compile": compiled, "compiled graphs": f"{graphs} for {len(seen.get('shapes', ()))} step shapes",
-        "saved graphs loaded/compiled": "/".join(str(sum(getattr(kind, n) for kind in precompiled))
+        "precompiled graphs loaded/compiled": "/".join(str(sum(getattr(kind, n) for kind in precompiled))
                                                  for n in ("loaded", "compiled")) if precompiled else "off",
         "compile cache hits/misses": f"{inductor['fxgraph_cache_hit']}/{inductor['fxgraph_cache_miss']}",
         "vae compiled": hasattr(pipe.vae.decode, "_torchdynamo_orig_callable"),
@@ -1132,8 +1132,8 @@ def step_function(pipe: Pipeline, x: torch.Tensor, dt: torch.Tensor, cond: dict)
             traced = f"{graphs} graphs traced ({cached} from the compile cache), " if graphs else ""
             if saved := getattr(pipe.transformer, "precompiled", ()):  # precompile.py: graphs saved whole
                 loaded = sum(kind.loaded for kind in saved)
-                traced = f"{graphs} graphs traced and saved, " if graphs else \
-                    f"nothing traced ({loaded} saved graphs loaded from the compile cache), "
+                traced = f"{graphs} graphs traced and precompiled, " if graphs else \
+                    f"nothing traced ({loaded} precompiled graphs loaded from the compile cache), "
             print(f"step for latents {tuple(x.shape)}, text {tuple(cond['txt'].shape)}: {traced}"
                   f"captured as a CUDA graph in {time.perf_counter() - t0:.1f}s")
     return pipe.steps[key]

@@ -70,7 +70,7 @@ def test_three_sizes_compile_the_blocks_once_and_draw_the_eager_images(first_pro
     root, first = first_process
     assert first["traced"] == 2 and first["compiled"] == [1, 1] and first["loaded"] == [0, 0], first
     assert not first["restarts"]  # each block kind traced once (dynamic_shapes_config), every size served by it
-    assert "compiled graphs=2 for 3 step shapes, saved graphs loaded/compiled=0/2" in first["describe"]
+    assert "compiled graphs=2 for 3 step shapes, precompiled graphs loaded/compiled=0/2" in first["describe"]
     assert len(os.listdir(root / "graphs")) == 2
     opts = dataclasses.replace(compiled_on(), compile=False)
     pipe = opt.load_pipeline(tiny_pipeline_dir, "cpu", torch.float32, opts)
@@ -99,7 +99,7 @@ def second_process(model_dir: str, root, *device_and_quantize: str) -> dict:
 
 def test_a_warm_process_loads_the_saved_graphs_and_traces_nothing(first_process, tiny_pipeline_dir):
     second = second_process(tiny_pipeline_dir, first_process[0])
-    assert "compiled graphs=2 for 3 step shapes, saved graphs loaded/compiled=2/0" in second["describe"]
+    assert "compiled graphs=2 for 3 step shapes, precompiled graphs loaded/compiled=2/0" in second["describe"]
 
 
 @pytest.mark.cuda
@@ -110,7 +110,7 @@ def test_saved_graphs_under_cuda_graphs(tiny_pipeline_dir, tmp_path, quantize):
     first = draw(tiny_pipeline_dir, str(tmp_path / "graphs"), str(tmp_path / "first"), "cuda", quantize)
     assert first["compiled"] == [1, 1] and "cuda graphs=3" in first["describe"], first
     second = second_process(tiny_pipeline_dir, tmp_path, "cuda", quantize)
-    assert "cuda graphs=3" in second["describe"] and "saved graphs loaded/compiled=2/0" in second["describe"]
+    assert "cuda graphs=3" in second["describe"] and "precompiled graphs loaded/compiled=2/0" in second["describe"]
 
 
 def test_a_graph_saved_for_anything_else_is_not_loaded(first_process, tiny_pipeline_dir, tmp_path, capsys,
