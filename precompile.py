@@ -76,6 +76,7 @@ class PrecompiledBlocks:
         self.stem = os.path.join(directory, f"{type(block).__name__}-{digest}")
         os.makedirs(directory, exist_ok=True)
         self.graphs, self.compiled = [], 0
+        self.dynamo = None  # dynamo's compiled forward, where torch cannot precompile this block kind
         for path in sorted(glob.glob(f"{self.stem}-*.pt")):
             self.load(path)
         self.loaded = len(self.graphs)
@@ -103,15 +104,35 @@ class PrecompiledBlocks:
         for graph in self.graphs:
             if graph.guard_check(block, *args):
                 return graph(block, *args)
-        graph = torch.compile(self.forward, **self.compile).aot_compile(((block, *args), {}))
+        graph = self.precompile(block, *args) if self.dynamo is None else None
+        return self.dynamo(block, *args) if graph is None else graph(block, *args)
+
+    def precompile(self, block: torch.nn.Module, *args):
+        """A new graph for these inputs, compiled ahead of time and saved. None where this torch cannot (a guard or an
+        object it cannot serialize): from then on dynamo compiles this block kind, as without a directory."""
+        try:
+            graph = torch.compile(self.forward, **self.compile).aot_compile(((block, *args), {}))
+        except Exception as e:  # a real error in the block raises again from dynamo's compile
+            print(f"warning: {self.forward.__qualname__} cannot be precompiled ({type(e).__name__}: "
+                  f"{(str(e).splitlines() or [''])[0]}); dynamo compiles it, unsaved", file=sys.stderr)
+            self.dynamo = torch.compile(self.forward, **self.compile)
+            return None
         self.save(graph)
         graph.disable_guard_check()
         self.graphs.append(graph)
         self.compiled += 1
-        return graph(block, *args)
+        return graph
 
     def save(self, graph) -> None:
-        """Under the first free name, written whole or not at all (a temporary file renamed)."""
+        """Under the first free name, written whole or not at all (a temporary file renamed); where it cannot be
+        written, the graph still serves this process."""
+        try:
+            self.write(graph)
+        except (OSError, RuntimeError, pickle.PicklingError) as e:
+            print(f"warning: {self.forward.__qualname__}'s graph not saved ({type(e).__name__}: "
+                  f"{(str(e).splitlines() or [''])[0]}); the next process compiles it again", file=sys.stderr)
+
+    def write(self, graph) -> None:
         with tempfile.TemporaryDirectory(dir=os.path.dirname(self.stem)) as tmp:
             graph.save_compiled_function(os.path.join(tmp, "graph"))
             with open(os.path.join(tmp, "graph"), "rb") as f:

@@ -152,3 +152,28 @@ def test_a_graph_saved_for_anything_else_is_not_loaded(first_process, tiny_pipel
     shutil.copy(saved, f"{kept.stem}-0.pt")
     monkeypatch.setattr(precompile, "HERE", str(edited))
     assert load(opts).stem != kept.stem and load(opts).loaded == 0
+
+
+@torch.no_grad()
+def test_a_block_kind_torch_cannot_save_is_compiled_by_dynamo(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    """Where torch's ahead-of-time compile fails (a guard or an object that this torch cannot serialize), the block
+    kind goes to dynamo's compile instead, unsaved, with one warning. torch.compile is a stand-in here: no compile."""
+    class Unsavable:
+        def __init__(self, fn, **options):
+            self.fn = fn
+
+        def aot_compile(self, example_inputs):
+            raise RuntimeError("cannot serialize this guard")
+
+        def __call__(self, *args):
+            return self.fn(*args)
+
+    opts = compiled_on()
+    block = opt.load_pipeline(tiny_pipeline_dir, "cpu", torch.float32, opts).transformer.single_transformer_blocks[0]
+    monkeypatch.setattr(torch, "compile", Unsavable)
+    kind = precompile.PrecompiledBlocks(block, str(tmp_path), opts, {}, True)
+    x, mod, cos, sin = torch.randn(1, 20, 32), torch.randn(1, 96), torch.randn(20, 16), torch.randn(20, 16)
+    for _ in range(2):
+        assert torch.equal(kind(block, x, mod, (cos, sin)), block.forward(x, mod, (cos, sin)))
+    assert capsys.readouterr().err.count("cannot be precompiled (RuntimeError: cannot serialize this guard)") == 1
+    assert isinstance(kind.dynamo, Unsavable) and kind.compiled == 0 and os.listdir(tmp_path) == []
