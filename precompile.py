@@ -10,7 +10,8 @@ with its guards and its compiled code as one object that `save_compiled_function
 One `PrecompiledBlocks` per block kind (double, single) stands where `nn.Module.compile` would: it calls the first of
 its graphs whose guards accept the call (shapes, dtypes, batch 1 or more, the weights' dtypes), and compiles, saves
 and keeps a new graph where none does, as dynamo would recompile. Dynamic shapes work as with torch.compile: one
-graph serves every size.
+graph serves every size. Where torch cannot precompile a block kind (a guard or an object its version cannot
+serialize), dynamo compiles that kind as it would without a directory, with a warning.
 
 A stale graph must never run. Each file's name carries a digest of everything the graph depends on (`graph_key`:
 torch and Python versions, the device, the sources that can be traced into a block, the Options that shape the
@@ -54,7 +55,7 @@ def graph_key(block: torch.nn.Module, opts, options: dict, dynamic: bool) -> dic
         with open(os.path.join(HERE, name), "rb") as f:
             sources.update(f.read())
     opts = {k: v for k, v in dataclasses.asdict(opts).items() if not k.startswith("lora")}  # LoRAs: weights
-    return {
+    return {  # the module's name too: the script run as __main__ and imported as optimized_inference save apart
         "kind": f"{type(block).__module__}.{type(block).__qualname__}", "torch": torch.__version__,
         "python": platform.python_version(), "device": str(device.type),
         "gpu": (torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
