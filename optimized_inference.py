@@ -14,7 +14,8 @@ transformers and diffusers. This file mirrors single_file_inference.py section b
 `diff single_file_inference.py optimized_inference.py` reads as the list of optimizations. `Options` below is their
 index: each is on by default, has a --no-... flag and its reason. What goes beyond one image on one GPU lives in
 sibling modules imported only when their flag is used: fp8.py (--quantize fp8), attention_fp8.py (--attention
-cudnn-fp8), prompts_file.py (--prompts-file, --offload-text-encoders), context_parallel.py (torchrun),
+cudnn-fp8), prompts_file.py (--prompts-file, --offload-text-encoders), precompile.py (--compile-cache's saved
+graphs), context_parallel.py (torchrun),
 bfl_checkpoint.py (single-file checkpoints), lora.py (--lora), profiling.py (--profile).
 """
 
@@ -831,7 +832,8 @@ def default_dtype(dtype):
 
 
 def load_pipeline(model: str, device, dtype, opts: Options, random_weights: bool = False,
-                  text_encoders_from: str | None = None, offload_text_encoders: bool = False) -> Pipeline:
+                  text_encoders_from: str | None = None, offload_text_encoders: bool = False,
+                  precompiled: str | None = None) -> Pipeline:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -872,14 +874,14 @@ def load_pipeline(model: str, device, dtype, opts: Options, random_weights: bool
         from prompts_file import offload_layerwise
 
         offload_layerwise(clip, device), offload_layerwise(t5, device)
-    bf16_transformer = optimize(transformer, vae, opts)
+    bf16_transformer = optimize(transformer, vae, opts, precompiled)
     return Pipeline(cfg, transformer, clip, t5, clip_tok, t5_tok, vae, name, torch.device(device), dtype, opts,
                     bf16_transformer=bf16_transformer)
 
 
-def optimize(transformer: Flux, vae: nn.Module, opts: Options) -> Flux | None:
+def optimize(transformer: Flux, vae: nn.Module, opts: Options, precompiled: str | None = None) -> Flux | None:
     """What is applied to the loaded models, in order (weight transforms: prepare_state; the rest of Options: the
-    code paths it names). Returns the bf16 model for --compare-bf16, else None."""
+    code paths it names; `precompiled`: compile_blocks'). Returns the bf16 model for --compare-bf16, else None."""
     bf16 = None
     if opts.lora or opts.lora_swaps:  # LoRA deltas into the weights, before fp8 quantizes them (lora.py)
         from lora import LoraWeights
@@ -898,7 +900,7 @@ def optimize(transformer: Flux, vae: nn.Module, opts: Options) -> Flux | None:
         if opts.dynamic_shapes:
             dynamic_shapes_config()
         if opts.regional_compile:  # else the whole step is compiled, in step_function
-            compile_blocks(transformer, compile_options(opts), opts.dynamic_shapes)
+            compile_blocks(transformer, compile_options(opts), opts.dynamic_shapes, precompiled)
     if opts.compile and opts.compile_vae:
         torch._inductor.config.conv_1x1_as_mm = True  # the VAE's 1x1 convolutions as matmuls
         quiet_compile_warnings()
@@ -939,16 +941,24 @@ def compile_options(opts: Options) -> dict:
     return options
 
 
-def compile_blocks(model: Flux, options: dict | None = None, dynamic: bool = False) -> None:
+def compile_blocks(model: Flux, options: dict | None = None, dynamic: bool = False,
+                   precompiled: str | None = None) -> None:
     """Regional compilation: dynamo reuses a compiled graph for every module of the same structure and shapes (the
     weights are graph inputs), so the 19 double blocks share one graph and the 38 single blocks another. The few ops
     between blocks run eagerly inside the CUDA graph; what is lost is fusion across block boundaries.
 
     dynamic: token counts and batch are symbols in the graphs, so any size reuses them (batch 1 gets graphs of its
-    own: dynamo specializes sizes 0 and 1). Else each new shape compiles new graphs."""
+    own: dynamo specializes sizes 0 and 1). Else each new shape compiles new graphs.
+    precompiled: a directory where the graphs are saved whole and loaded by the next process, which then traces
+    nothing (precompile.py; --compile-cache DIR puts them in DIR/precompiled)."""
+    model.compile_options = options or {}  # what the blocks were compiled with, for describe()
+    if precompiled is not None:
+        from precompile import precompile_blocks
+
+        model.precompiled = precompile_blocks(model, precompiled, model.compile_options, dynamic)
+        return
     for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
         block.compile(fullgraph=True, dynamic=dynamic, options=options)
-    model.compile_options = options or {}  # what the blocks were compiled with, for describe()
 
 
 def effective_options(opts: Options, device: torch.device) -> Options:
@@ -984,9 +994,12 @@ def describe(pipe: Pipeline) -> str:
     compiled = f"{blocks} blocks" if blocks else "whole step" if seen.get("whole_step_compiled") else "off"
     if blocks and model.compile_options:
         compiled += f" ({', '.join(f'{k}={v}' for k, v in model.compile_options.items())})"
-    # Graphs dynamo holds for the block kinds (or the whole step), against the step shapes this process ran.
+    # Graphs dynamo holds for the block kinds (or the whole step), against the step shapes this process ran; with
+    # saved graphs (precompile.py), those loaded from the compile cache and those compiled and saved here instead.
     graphs = sum(len(torch._dynamo.eval_frame._debug_get_cache_entry_list(f)) for f in (
         DoubleStreamBlock.forward, SingleStreamBlock.forward, euler_step, velocity))
+    precompiled = getattr(model, "precompiled", ())
+    graphs += sum(len(kind.graphs) for kind in precompiled)
     inductor = torch._dynamo.utils.counters["inductor"]
     rope_dtype = seen.get("rope_dtype")
     if "per_step_inputs" in seen:  # --no-precompute: the tables are made inside the step; make them once more here
@@ -1000,6 +1013,8 @@ def describe(pipe: Pipeline) -> str:
         "rope per stream": count(lambda m: getattr(m, "per_stream", False)), "attention": " + ".join(sorted(attends)),
         "sigmoid gelu": count(lambda m: getattr(m, "act", None) is gelu_tanh), "step": seen.get("step"),
         "compile": compiled, "compiled graphs": f"{graphs} for {len(seen.get('shapes', ()))} step shapes",
+        "precompiled graphs loaded/compiled": "/".join(str(sum(getattr(kind, n) for kind in precompiled))
+                                                 for n in ("loaded", "compiled")) if precompiled else "off",
         "compile cache hits/misses": f"{inductor['fxgraph_cache_hit']}/{inductor['fxgraph_cache_miss']}",
         "vae compiled": hasattr(pipe.vae.decode, "_torchdynamo_orig_callable"),
         "cuda graphs": sum(isinstance(s, CUDAGraphStep) for s in pipe.steps.values()),
@@ -1109,13 +1124,19 @@ def step_function(pipe: Pipeline, x: torch.Tensor, dt: torch.Tensor, cond: dict)
             pipe.seen["whole_step_compiled"] = True
         args = (x, dt, cond) if opts.euler_in_graph else (x, cond)
         stats, inductor = torch._dynamo.utils.counters["stats"], torch._dynamo.utils.counters["inductor"]
+        saved = getattr(pipe.transformer, "precompiled", ())  # precompile.py: the blocks' graphs saved whole
         t0, graphs, cached = time.perf_counter(), stats["unique_graphs"], inductor["fxgraph_cache_hit"]
+        precompiled = sum(kind.compiled for kind in saved)
         pipe.steps[key] = CUDAGraphStep(fn, *args) if opts.cuda_graphs else fn
         if opts.cuda_graphs:  # warm-up and capture ran just now (without graphs, compilation waits for step 1)
             sync(pipe.device)
             graphs, cached = stats["unique_graphs"] - graphs, inductor["fxgraph_cache_hit"] - cached
-            print(f"step for latents {tuple(x.shape)}, text {tuple(cond['txt'].shape)}: "
-                  f"{f'{graphs} graphs traced ({cached} from the compile cache), ' if graphs else ''}"
+            precompiled = sum(kind.compiled for kind in saved) - precompiled
+            traced = f"{graphs} graphs traced ({cached} from the compile cache), " if graphs else ""
+            if saved:
+                traced = f"{graphs} graphs traced ({precompiled} precompiled and saved), " if graphs else \
+                    f"nothing traced ({sum(kind.loaded for kind in saved)} precompiled graphs loaded), "
+            print(f"step for latents {tuple(x.shape)}, text {tuple(cond['txt'].shape)}: {traced}"
                   f"captured as a CUDA graph in {time.perf_counter() - t0:.1f}s")
     return pipe.steps[key]
 
@@ -1461,13 +1482,18 @@ def main(argv=None) -> int:
                                                f.name}, **loras}), torch.device(args.device))
         if opts.compile:  # --no-dynamic-shapes: a graph per shape and kind of block (double/single, bf16/fp8)
             torch._dynamo.config.recompile_limit = max(8, 4 * args.max_graphs)
+        precompiled = None
         if opts.compile and args.compile_cache is not None:
             from prompts_file import use_compile_cache
 
-            use_compile_cache(args.compile_cache)
+            precompiled = use_compile_cache(args.compile_cache)
+        # Saved graphs are for one process's blocks: not under torchrun (each rank's attention holds its process
+        # group), nor with --compare-bf16 (it runs the compiled blocks eagerly through dynamo's stance).
+        if group is not None or opts.compare_bf16:
+            precompiled = None
         t0 = time.perf_counter()
         pipe = load_pipeline(args.model, args.device, dtype, opts, args.random_weights, args.text_encoders_from,
-                             args.offload_text_encoders)
+                             args.offload_text_encoders, precompiled)
         pipe.max_steps = args.max_graphs
         if group is not None:
             context_parallel.enable_context_parallel(pipe, group)

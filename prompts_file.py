@@ -251,20 +251,28 @@ def offload_layerwise(encoder: nn.Module, device) -> None:
     cpu_offload(encoder, execution_device=torch.device(device))
 
 
-def use_compile_cache(directory: str) -> None:
+def use_compile_cache(directory: str) -> str | None:
     """--compile-cache: inductor's and AOTAutograd's caches in `directory` (torch keeps them in /tmp by default), so
-    that a process after a reboot still skips most of the compile work; 'none' switches them off."""
+    that a process after a reboot still skips most of the compile work; 'none' switches them off. Returns where the
+    blocks' graphs are saved whole (precompile.py: a warm process traces nothing), or None where they cannot be."""
     if directory == "none":
         torch._inductor.config.fx_graph_cache = False
         torch._functorch.config.enable_autograd_cache = False
-        return
+        return None
     try:
         os.makedirs(directory, exist_ok=True)
         if not os.access(directory, os.W_OK):
             raise PermissionError(f"{directory} is not writable")
     except OSError as e:
         print(f"warning: no compile cache in {directory} ({e}); using torch's default", file=sys.stderr)
-        return
+        return None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
+    import precompile
+
+    if not precompile.available():
+        print(f"note: torch {torch.__version__} cannot save compiled graphs (torch 2.11 or later can): a warm start "
+              "traces the blocks again", file=sys.stderr)
+        return None
+    return os.path.join(directory, "precompiled")

@@ -1,13 +1,13 @@
 """The compiled step traces as one graph and computes what the eager step computes (inductor's CPU backend).
 
 On the GPU the step is compiled with fullgraph=True: a graph break would be an error there. Compiling the tiny model
-on the CPU catches that here, without a GPU, and checks inductor's fused code against eager.
+on the CPU catches that here, without a GPU, and checks inductor's fused code against eager. Dynamic shapes over three
+sizes, with the graphs saved for the next process: tests/test_precompile.py.
 """
 
 import copy
 import dataclasses
 import functools
-import json
 import warnings
 
 import pytest
@@ -16,8 +16,6 @@ from torch._dynamo.utils import counters
 
 import fp8
 import optimized_inference as opt
-import prompts_file
-from tests.helpers import max_pixel_diff, read_png
 
 
 @pytest.fixture(scope="module")
@@ -93,30 +91,6 @@ def test_compile_options_per_mode(tiny):
     model = copy.deepcopy(tiny.transformer)
     opt.compile_blocks(model, opt.compile_options(fp8_opts))
     assert "compile=4 blocks (split_reductions=False)," in opt.describe(dataclasses.replace(tiny, transformer=model))
-
-
-@torch.no_grad()
-def test_three_sizes_compile_the_blocks_once(tiny_pipeline_dir, tmp_path):
-    """Dynamic shapes: a prompts file over three sizes compiles one graph per block kind, each traced once (no
-    restart), and its images are the images of three single-prompt runs of the eager model."""
-    opts = opt.effective_options(opt.Options(text_buckets=False), torch.device("cpu"))
-    pipe = opt.load_pipeline(tiny_pipeline_dir, "cpu", torch.float32, opts)
-    sizes = [(40, 56), (64, 32), (48, 48)]  # 35, 32 and 36 image tokens
-    defaults = dict(prompt_2=None, seed=3, height=40, width=56, lora=(), steps=2, guidance=3.5)
-    jobs = [prompts_file.parse_job(json.dumps({"prompt": f"a red cat {i}", "height": h, "width": w}), i, defaults, 8)
-            for i, (h, w) in enumerate(sizes)]
-    alone = [opt.generate(pipe, opt.Request([j.prompt], [j.prompt], j.height, j.width, j.steps, j.guidance, [j.seed],
-                                            16), opt.Timer(pipe.device))[0] for j in jobs]
-    torch._dynamo.reset()
-    counters.clear()
-    torch._dynamo.utils.compilation_time_metrics.clear()
-    opt.optimize(pipe.transformer, pipe.vae, dataclasses.replace(opts, compile=True))
-    prompts_file.generate_many(pipe, jobs, 1, 16, str(tmp_path), {})
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
-    assert "compile_attempt_1" not in torch._dynamo.utils.compilation_time_metrics  # each graph traced once
-    assert "compiled graphs=2 for 3 step shapes" in opt.describe(pipe)
-    for job, image in zip(jobs, alone, strict=True):
-        assert max_pixel_diff(read_png(tmp_path / f"{job.index:04d}-{job.seed}.png"), image) <= 1
 
 
 def test_vae_upsampler_warning_is_silenced(recwarn):
