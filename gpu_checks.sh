@@ -2,7 +2,7 @@
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
 # Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [ttfi] [offload] [fp8-error] [batch] [parallel]
 #        [mixed] [sweep] [vae] [startup] [attn8-tests] [attn8] [bench CONFIGS] [bench-old CONFIGS] [peers1] [peers2]
-#        [peers3] [peers-cp2] [peers-cp4]
+#        [peers3] [peers-cp2] [peers-cp4] [levers]
 # (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
 # counts of `parallel` (default "1 2 4"); $ATTN8_QUANT the --quantize values of `attn8` (default "none fp8").
 # `bench-old` runs ./old/benchmark.py: the code before a change, exported there with `git archive REV | tar -x -C old`
@@ -176,6 +176,10 @@ oi.sync(pipe.device); lap("first image (cache warm from run 25's prompts: the 10
 print(torch._dynamo.utils.compile_times())
 PY
       ;;
+    levers)  # issue 15: each candidate kernel change timed alone at FLUX's shapes against today's path (profiling.py);
+             # $LEVERS narrows them (default L1,L2,L3)
+      python3 profiling.py levers --levers "${LEVERS:-L1,L2,L3}" --out "$OUT/levers" 2>&1 | tee "$OUT/levers.log" \
+        || status=1 ;;
     peers1|peers2|peers3|peers-cp2|peers-cp4)  # our bf16 row in every call: each table carries its reference
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/peers/*.whl && export PYTHONPATH=/tmp/site || status=1
@@ -196,6 +200,7 @@ PY
 done
 for f in "$OUT"/mixed-*.log; do [ -f "$f" ] && { echo "$f"; grep -E "models loaded|first batch in|images in" "$f"; }; done
 for f in "$OUT"/bench/results.md "$OUT"/bench-old/results.md "$OUT"/peers*/results.md; do [ -f "$f" ] && { echo "$f"; grep '^|' "$f"; }; done
+[ -f "$OUT/levers/table.txt" ] && { echo "$OUT/levers/table.txt"; cat "$OUT/levers/table.txt"; }
 for f in "$OUT"/reference.json "$OUT"/optimized.json "$OUT"/offload.json "$OUT"/fp8-error.json "$OUT"/cp*.json "$OUT"/vae*.json \
          "$OUT"/attn8-{none,fp8}-{auto,cudnn-fp8}.json; do
   [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], *(f'{k}={d[k][\"median\"]:.3f}s' for k in ('text_encoders','denoiser','vae','end_to_end')), f'warmup={d[\"warmup_s\"]:.1f}s peak={d.get(\"peak_mem_GiB\",0):.1f}GiB')" "$f"
