@@ -65,10 +65,11 @@ def profile_run(pipe: Pipeline, req: Request, path: str) -> dict:
 STEPS = 28
 HBM_BYTES_PER_S = 4.3e12  # what a streaming kernel reaches on the lent H200: the floor of memory-bound work
 # A variant counts as right when its output is this close (‖a − b‖ / ‖b‖) to the reference's on the same inputs.
-# fp8: a variant that rounds an intermediate differently (float32 instead of bf16) moves some elements across an e4m3
-# rounding boundary, one step of 6–12%: ~1e-2 on random data; a wrong formula is off by O(1). bf16: another summation
-# order or one rounding less, ~1e-3.
-FP8_TOL, BF16_TOL = 3e-2, 1e-2
+# fp8: a variant that keeps float32 where the eager reference rounds to bf16 (modulate rounds three times) moves a few
+# percent of the elements across an e4m3 rounding boundary, each by one step of 6–12%: ~2e-2 on random data (inductor's
+# LayerNorm + modulate + quant on the CPU: 1.4e-2 to 2.2e-2); a wrong formula is off by O(1). The Triton kernels are
+# checked to the last bit in tests/test_levers.py. bf16: another summation order or one rounding less, ~1e-3.
+FP8_TOL, BF16_TOL = 6e-2, 1e-2
 # Which model each lever speeds up, and its denoiser time today (issue 15's run on the lent H200, 28 steps)
 LEVER_MODEL = {"L1": ("fp8", 2.52), "L2": ("fp8", 2.52), "L3": ("bf16", 3.56)}
 
@@ -260,6 +261,8 @@ def lever_cases(device: torch.device, sizes: Sizes = Sizes(), compiled: bool = T
     # A Triton GEMM template is the only choice, so that what is timed is the template with its epilogue fused
     # (with cuBLAS among the choices inductor may keep cuBLAS + a pointwise kernel, the baseline).
     autotune = {"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON", "epilogue_fusion": True}
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        autotune["triton.enable_persistent_tma_matmul"] = True  # Hopper's TMA templates too, as --inductor-tuning
 
     def compile_static(fn, options):  # one graph per shape: GEMM autotuning picks its configuration per shape
         return torch.compile(fn, dynamic=False, options=options)
@@ -428,7 +431,8 @@ def format_levers(rows: list[dict]) -> str:
             f"{'calls':>5} {'ms/step':>8} {'s/28':>7} {'Δ s/28':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        status = (f"{r['rel_err']:8.1e}" if "rel_err" in r else f"{'':8}") + (" WRONG" if not r["ok"] else "")
+        status = f"{r['rel_err']:8.1e}" if "rel_err" in r else f"{'':8}"
+        status += " FAILED" if "error" in r else " WRONG" if not r["ok"] else ""
         if not r["ok"]:
             lines.append(f"{r['lever']:<5} {r['case']:<58} {r['variant']:<46} {status}  {r.get('error', '')}")
             continue
