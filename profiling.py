@@ -435,18 +435,18 @@ def run_case(case: Case, bench: Callable[[Callable[[], Any]], float], device: to
 
 def format_levers(rows: list[dict]) -> str:
     """The table, then per lever what the best right variant of each case would change in the model."""
-    head = (f"{'lever':<5} {'case':<58} {'variant':<46} {'rel err':>8} {'kern':>4} {'µs/call':>8} {'floor':>6} "
+    head = (f"{'lever':<5} {'case':<64} {'variant':<46} {'rel err':>8} {'kern':>4} {'µs/call':>8} {'floor':>6} "
             f"{'calls':>5} {'ms/step':>8} {'s/28':>7} {'Δ s/28':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         status = f"{r['rel_err']:8.1e}" if "rel_err" in r else f"{'':8}"
         status += " FAILED" if "error" in r else " WRONG" if not r["ok"] else ""
         if not r["ok"]:
-            lines.append(f"{r['lever']:<5} {r['case']:<58} {r['variant']:<46} {status}  {r.get('error', '')}")
+            lines.append(f"{r['lever']:<5} {r['case']:<64} {r['variant']:<46} {status}  {r.get('error', '')}")
             continue
         floor = f"{r['floor_us']:6.1f}" if r["floor_us"] is not None else " " * 6
         delta = f"{r['delta_s_per_28_steps']:+8.3f}" if r.get("delta_s_per_28_steps") is not None else " " * 8
-        lines.append(f"{r['lever']:<5} {r['case']:<58} {r['variant']:<46} {status} {r['kernels']:>4} "
+        lines.append(f"{r['lever']:<5} {r['case']:<64} {r['variant']:<46} {status} {r['kernels']:>4} "
                      f"{r['us']:8.1f} {floor} {r['calls_per_step']:>5} {r['ms_per_step']:8.3f} "
                      f"{r['s_per_28_steps']:7.3f} {delta}")
     lines += ["", "What inductor generates (kernels of one call):"]
