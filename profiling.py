@@ -10,7 +10,9 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
+import statistics
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -67,6 +69,7 @@ def profile_run(pipe: Pipeline, req: Request, path: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 STEPS = 28
 HBM_BYTES_PER_S = 4.3e12  # what a streaming kernel reaches on the lent H200: the floor of memory-bound work
+ROTATE_BYTES = 256 * 2**20  # inputs cycled through when timing: five times an H200's 50 MB L2 cache
 # A variant counts as right when its output is this close (‖a − b‖ / ‖b‖) to the reference's on the same inputs.
 # fp8: a variant that keeps float32 where the eager reference rounds to bf16 (modulate rounds three times) moves a few
 # percent of the elements across an e4m3 rounding boundary, each by one step of 6–12%: ~2e-2 on random data (inductor's
@@ -387,25 +390,57 @@ def cuda_graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
     return graph.replay
 
 
-def gpu_microseconds(fn: Callable[[], Any]) -> float:
-    """Median GPU time of fn in µs: triton's do_bench, which empties the L2 cache (zeroing 256 MB) before every
-    call, so that no weight or activation is served from a previous call's cache lines."""
-    from triton.testing import do_bench
+def gpu_microseconds(calls: list[Callable[[], Any]]) -> float:
+    """GPU time of one call in µs: the calls (one variant on different copies of its inputs) captured one after the
+    other as one CUDA graph, replayed 30 times after 3 warm-ups, each replay timed with CUDA events; the median
+    replay divided by the number of calls."""
+    def all_calls():  # the outputs kept to the end: each call writes memory of its own, as in the model's step
+        return [call() for call in calls]
 
     try:
-        replay = cuda_graphed(fn)
+        replay = cuda_graphed(all_calls)
     except RuntimeError as e:  # still a number, with the launch gaps in it
         print(f"  not capturable as a CUDA graph, timed as launched ({str(e).splitlines()[0][:120]})")
-        replay = fn
-    return 1000 * do_bench(replay, warmup=25, rep=100, return_mode="median")
+        replay = all_calls
+    for _ in range(3):
+        replay()
+    times = []
+    for _ in range(30):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return 1000 * statistics.median(times) / len(calls)
 
 
-def run_case(case: Case, bench: Callable[[Callable[[], Any]], float], device: torch.device) -> list[dict]:
+def tensor_bytes(inputs: SimpleNamespace) -> int:
+    """The bytes of a case's inputs: its tensors, tuples of them and modules' buffers."""
+    tensors = []
+    for value in vars(inputs).values():
+        if isinstance(value, nn.Module):
+            tensors += list(value.buffers())
+        elif isinstance(value, tuple):
+            tensors += value
+        else:
+            tensors.append(value)
+    return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
+
+
+def run_case(case: Case, bench: Callable[[list[Callable[[], Any]]], float], device: torch.device,
+             rotate_bytes: int = 0) -> list[dict]:
     """The case's reference, then each variant on the same inputs: checked against the reference first, timed only
     when right. Rows give µs per call and what that is per step and per 28 steps, and the change against the first
-    variant (the model's path today): negative saves."""
+    variant (the model's path today): negative saves.
+
+    Timed over copies of the inputs, fresh random ones, together at least `rotate_bytes`: with more bytes than the L2
+    cache holds, each call reads its weights and activations from memory, not from the cache lines the call before
+    left there (in the model a kernel's inputs are at best partly in the cache: this errs on the slow side, alike for
+    every variant)."""
     inputs = case.inputs()
     ref = case.reference(inputs)
+    copies = [inputs] + [case.inputs() for _ in range(math.ceil(rotate_bytes / tensor_bytes(inputs)) - 1)]
     rows, baseline = [], None
     for name, variant in case.variants.items():
         row = {"lever": case.lever, "case": case.name, "variant": name, "calls_per_step": case.calls,
@@ -417,9 +452,8 @@ def run_case(case: Case, bench: Callable[[Callable[[], Any]], float], device: to
             err = relative_error(out, ref)
             row |= {"rel_err": err, "ok": bool(err <= case.tol)}  # a NaN error is not <= tol: wrong
             if row["ok"]:
-                call = functools.partial(variant, inputs)
-                us = bench(call)
-                names = kernels_per_call(call) if device.type == "cuda" else []
+                us = bench([functools.partial(variant, c) for c in copies])
+                names = kernels_per_call(functools.partial(variant, inputs)) if device.type == "cuda" else []
                 row |= {"us": round(us, 1), "kernels": len(names), "kernel_names": sorted(set(names)),
                         "ms_per_step": round(us * case.calls / 1000, 3),
                         "s_per_28_steps": round(us * case.calls * STEPS / 1e6, 4)}
@@ -465,14 +499,14 @@ def format_levers(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_levers(cases: list[Case], bench: Callable[[Callable[[], Any]], float], device: torch.device,
-               out_dir: str | None = None) -> list[dict]:
-    """Every case in turn; with out_dir, levers.json after each case (a run cut short keeps what it measured) and the
-    table as table.txt at the end."""
+def run_levers(cases: list[Case], bench: Callable[[list[Callable[[], Any]]], float], device: torch.device,
+               out_dir: str | None = None, rotate_bytes: int = 0) -> list[dict]:
+    """Every case in turn (run_case); with out_dir, levers.json after each case (a run cut short keeps what it
+    measured) and the table as table.txt at the end."""
     rows = []
     for case in cases:
         start = time.perf_counter()
-        rows += run_case(case, bench, device)
+        rows += run_case(case, bench, device, rotate_bytes)
         print(f"[{time.perf_counter() - start:5.1f} s] {case.lever} {case.name}: " + ", ".join(
             f"{r['variant']} {r['us'] if r.get('us') is not None else 'not timed'} µs (first call "
             f"{r.get('first_call_s')} s)" for r in rows if r["case"] == case.name), flush=True)
@@ -503,7 +537,8 @@ def main(argv: list[str] | None = None) -> None:
     torch._dynamo.config.recompile_limit = 64
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    run_levers(lever_cases(device, levers=tuple(args.levers.split(","))), gpu_microseconds, device, args.out)
+    run_levers(lever_cases(device, levers=tuple(args.levers.split(","))), gpu_microseconds, device, args.out,
+               rotate_bytes=ROTATE_BYTES)
 
 
 if __name__ == "__main__":

@@ -93,8 +93,8 @@ def test_levers_time_right_variants_and_report_a_wrong_one():
     cases[0].variants["bias not gated (planted)"] = bias_not_gated
     timed = []
 
-    def bench(call: functools.partial) -> float:
-        timed.append(call.func)
+    def bench(calls: list[functools.partial]) -> float:
+        timed.extend(call.func for call in calls)
         return 1.0
 
     rows = profiling.run_levers(cases, bench, torch.device("cpu"))
@@ -105,3 +105,12 @@ def test_levers_time_right_variants_and_report_a_wrong_one():
     assert right and all(r["ok"] and r["us"] == 1.0 for r in right), [r for r in right if not r["ok"]]
     assert len(timed) == len(right)
     assert "WRONG" in profiling.format_levers(rows)
+
+
+def test_levers_time_over_copies_of_the_inputs():
+    case = profiling.lever_cases(torch.device("cpu"), TINY, compiled=False, kernels=False, levers=("L1",))[0]
+    timed = []
+    profiling.run_case(case, lambda calls: timed.append(calls) or 1.0, torch.device("cpu"),
+                       rotate_bytes=3 * profiling.tensor_bytes(case.inputs()))
+    assert len(timed) == len(case.variants) and all(len(calls) == 3 for calls in timed)
+    assert len({id(call.args[0]) for call in timed[0]}) == 3  # three sets of inputs
