@@ -4,6 +4,8 @@ measures what that does to the velocity and the image.
 Imported only when --quantize fp8 is given (gpt-fast's quantize.py pattern): the default bf16 path never loads it.
 Quantization is the last load-time transform (optimized_inference.load_transformer's order): it sees the fused and
 permuted weights. On the CPU torch emulates float8 matmuls, so all of this runs in the CPU tests too.
+--fp8-fused-quant (on by default with fp8): Triton kernels that make each fp8 matmul's input in one pass per row
+(section below); on the CPU their ops compute the same in torch.
 """
 
 from __future__ import annotations
@@ -264,7 +266,7 @@ def torch_ln_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.T
                         + shift.float()[:, None])
 
 
-@triton_op("flux_fp8::ln_modulate_quant", mutates_args=())
+@triton_op("flux::ln_modulate_quant", mutates_args=())
 def ln_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_fp8(modulate(x, shift, scale)) in one pass per row: (q [B, S, N], s [B, S, 1])."""
     if fused_on(x):
@@ -272,7 +274,7 @@ def ln_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor)
     return torch_ln_modulate_quant(x, shift, scale)
 
 
-@triton_op("flux_fp8::add_ln_modulate_quant", mutates_args=())
+@triton_op("flux::add_ln_modulate_quant", mutates_args=())
 def add_ln_modulate_quant(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
                           scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x + gate y (the new residual stream, bf16), and its quantize_fp8(modulate(...)), in one pass per row."""
@@ -282,7 +284,7 @@ def add_ln_modulate_quant(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, 
     return x, *torch_ln_modulate_quant(x, shift, scale)
 
 
-@triton_op("flux_fp8::gelu_quant", mutates_args=())
+@triton_op("flux::gelu_quant", mutates_args=())
 def gelu_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_fp8(gelu_tanh(h)) in one pass per row."""
     if fused_on(h):
@@ -290,7 +292,7 @@ def gelu_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_fp8(gelu_tanh(h.float()))
 
 
-@triton_op("flux_fp8::cat_gelu_quant", mutates_args=())
+@triton_op("flux::cat_gelu_quant", mutates_args=())
 def cat_gelu_quant(a: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_fp8(cat([a, gelu_tanh(h)], -1)) in one pass per row."""
     if fused_on(h):
@@ -300,23 +302,23 @@ def cat_gelu_quant(a: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torc
 
 # The blocks' functions (optimized_inference: modulate, add_modulate, FeedForward.act, cat_act), quantizing.
 def modulate_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> Fp8Rows:
-    return Fp8Rows(*torch.ops.flux_fp8.ln_modulate_quant(x, shift, scale))
+    return Fp8Rows(*torch.ops.flux.ln_modulate_quant(x, shift, scale))
 
 
 def add_modulate_fp8(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
                      scale: torch.Tensor) -> tuple[torch.Tensor, Fp8Rows]:
-    x, q, s = torch.ops.flux_fp8.add_ln_modulate_quant(x, gate, y, shift, scale)
+    x, q, s = torch.ops.flux.add_ln_modulate_quant(x, gate, y, shift, scale)
     return x, Fp8Rows(q, s)
 
 
 def gelu_fp8(h: torch.Tensor) -> Fp8Rows:
-    return Fp8Rows(*torch.ops.flux_fp8.gelu_quant(h))
+    return Fp8Rows(*torch.ops.flux.gelu_quant(h))
 
 
 def cat_gelu_fp8(a: torch.Tensor, h: torch.Tensor, act) -> Fp8Rows:
     # act, the block's GELU (gelu_tanh, or F.gelu's tanh form with --no-sigmoid-gelu), is the function the kernel
     # evaluates, in gelu_tanh's sigmoid form
-    return Fp8Rows(*torch.ops.flux_fp8.cat_gelu_quant(a, h))
+    return Fp8Rows(*torch.ops.flux.cat_gelu_quant(a, h))
 
 
 FUSED_QUANT = (modulate_fp8, add_modulate_fp8, gelu_fp8, cat_gelu_fp8)

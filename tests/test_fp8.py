@@ -267,13 +267,13 @@ def ops_as_kernels():
     """The four ops in the shape of the Triton launchers (fp8.triton_ln_modulate_quant, fp8.triton_gelu_quant)."""
     def ln(x, shift, scale, gate, y):
         if gate is None:
-            return None, *torch.ops.flux_fp8.ln_modulate_quant(x, shift, scale)
-        return torch.ops.flux_fp8.add_ln_modulate_quant(x, gate, y, shift, scale)
+            return None, *torch.ops.flux.ln_modulate_quant(x, shift, scale)
+        return torch.ops.flux.add_ln_modulate_quant(x, gate, y, shift, scale)
 
     def gelu(a, h):
         if h is None:
             return fp8.quantize_fp8(a.float())  # no op of its own: the attention outputs quantize in Float8Linear
-        return torch.ops.flux_fp8.gelu_quant(h) if a is None else torch.ops.flux_fp8.cat_gelu_quant(a, h)
+        return torch.ops.flux.gelu_quant(h) if a is None else torch.ops.flux.cat_gelu_quant(a, h)
 
     return ln, gelu
 
