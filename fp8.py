@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections import OrderedDict
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -261,12 +262,27 @@ def fused_on(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
 
 
+def fused_quant_op(name: str):
+    """torch.library.triton_op, quiet where Triton is not installed (CPU machines, where the ops run their torch
+    twins): triton_op looks for the Triton kernels in the function when it is defined, and would log a warning."""
+    def define(fn):
+        log = logging.getLogger("torch._library.triton")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            return triton_op(name, fn, mutates_args=())
+        finally:
+            log.setLevel(level)
+
+    return define
+
+
 def torch_ln_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
     return quantize_fp8(F.layer_norm(x.float(), x.shape[-1:], eps=LN_EPS) * (1 + scale.float()[:, None])
                         + shift.float()[:, None])
 
 
-@triton_op("flux::ln_modulate_quant", mutates_args=())
+@fused_quant_op("flux::ln_modulate_quant")
 def ln_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_fp8(modulate(x, shift, scale)) in one pass per row: (q [B, S, N], s [B, S, 1])."""
     if fused_on(x):
@@ -274,7 +290,7 @@ def ln_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor)
     return torch_ln_modulate_quant(x, shift, scale)
 
 
-@triton_op("flux::add_ln_modulate_quant", mutates_args=())
+@fused_quant_op("flux::add_ln_modulate_quant")
 def add_ln_modulate_quant(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
                           scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x + gate y (the new residual stream, bf16), and its quantize_fp8(modulate(...)), in one pass per row."""
@@ -284,7 +300,7 @@ def add_ln_modulate_quant(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, 
     return x, *torch_ln_modulate_quant(x, shift, scale)
 
 
-@triton_op("flux::gelu_quant", mutates_args=())
+@fused_quant_op("flux::gelu_quant")
 def gelu_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_fp8(gelu_tanh(h)) in one pass per row."""
     if fused_on(h):
@@ -292,7 +308,7 @@ def gelu_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_fp8(gelu_tanh(h.float()))
 
 
-@triton_op("flux::cat_gelu_quant", mutates_args=())
+@fused_quant_op("flux::cat_gelu_quant")
 def cat_gelu_quant(a: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_fp8(cat([a, gelu_tanh(h)], -1)) in one pass per row."""
     if fused_on(h):
