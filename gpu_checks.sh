@@ -127,6 +127,17 @@ PY
             --output-dir /tmp/mixed-$vae-$run --compile-cache /tmp/cc-mixed-$vae 2>&1 | stamp | grep -v "it/s\]$" \
             | tee "$OUT/mixed-$vae-$run.log" || status=1
         done
+        # The warm process ran the graphs the cold one saved (precompile.py): the same pixels, or a stale graph ran.
+        python3 - /tmp/mixed-$vae-cold /tmp/mixed-$vae-warm <<'PY' 2>&1 | tee -a "$OUT/mixed-$vae-warm.log" || status=1
+import glob, os, sys
+import numpy as np
+from PIL import Image
+cold = sorted(glob.glob(os.path.join(sys.argv[1], "*.png")))
+diffs = [np.abs(np.asarray(Image.open(p), dtype=np.int16) - np.asarray(Image.open(p.replace(sys.argv[1], sys.argv[2])),
+                                                                        dtype=np.int16)).max() for p in cold]
+print(f"warm against cold: {len(cold)} images, largest pixel difference per image {diffs}")
+sys.exit(len(cold) == 0 or max(diffs) > 0)
+PY
       done ;;
     sweep)  # issue 14: steady state at 1024x1024 per batch size in one process per mode (dynamic bf16, static bf16,
             # dynamic fp8); each batch size warmed up with a 2-step request (same shapes), then timed
