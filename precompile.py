@@ -148,6 +148,9 @@ class PrecompiledBlocks:
 
 def precompile_blocks(model: torch.nn.Module, directory: str, options: dict, dynamic: bool) -> list:
     """Each block's calls go to its kind's PrecompiledBlocks, through the attribute that nn.Module.compile sets."""
+    # torch 2.11 gives torch.compile's function its aot_compile only with this switch on (2.13: on by default); run 31
+    # on an H200 fell back to dynamo for want of it.
+    torch._dynamo.config.enable_aot_compile = True
     kinds = {}
     for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
         if type(block) not in kinds:

@@ -29,14 +29,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def restore_dynamo_settings():
-    """optimize() with dynamic shapes changes two global dynamo settings (dynamic_shapes_config): undone after each
-    test, so that later tests compile as they would alone."""
+    """optimize() with dynamic shapes changes two global dynamo settings (dynamic_shapes_config), and saved graphs a
+    third (precompile_blocks): undone after each test, so that later tests compile as they would alone."""
     import torch._dynamo
     import torch.fx.experimental._config as fx_config
 
-    saved = fx_config.use_duck_shape, torch._dynamo.config.specialize_float
+    config = torch._dynamo.config
+    saved = fx_config.use_duck_shape, config.specialize_float, config.enable_aot_compile
     yield
-    fx_config.use_duck_shape, torch._dynamo.config.specialize_float = saved
+    fx_config.use_duck_shape, config.specialize_float, config.enable_aot_compile = saved
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,7 @@ def draw(model_dir: str, precompiled: str, output_dir: str, device: str = "cpu",
     """One process's work: the tiny pipeline compiled with saved graphs in `precompiled`, the three sizes drawn into
     `output_dir` (on a GPU in bf16 and CUDA graphs); returns what dynamo and the saved graphs show."""
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    torch._dynamo.config.enable_aot_compile = False  # torch 2.11's default (run 31): precompile.py switches it on
     pipe = opt.load_pipeline(model_dir, device, dtype, compiled_on(device, quantize), precompiled=precompiled)
     prompts_file.generate_many(pipe, jobs(), 1, 16, output_dir, {})
     return {"traced": counters["stats"]["unique_graphs"],
