@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from collections import OrderedDict
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -21,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.library import triton_op, wrap_triton
 
 from optimized_inference import (
     AdaNorm,
@@ -134,9 +132,19 @@ def bf16_twin(model: Flux) -> Flux:
 # fuses them with what comes before (LayerNorm + modulate, or GELU), but its generated kernels ran at ~3x their memory
 # time or worse (BENCHMARKS.md run 16: LN + modulate + quant 136 µs against 14 µs of memory traffic): a looped
 # reduction reads each row several times, and evaluates GELU twice. The kernels below keep the whole row in registers:
-# one read, one e4m3 write, one scale per row. Each is a torch.library.triton_op, so that the compiled blocks trace
-# into the Triton kernel (dynamic token counts: the grid is (tokens, batch)) and CUDA graphs capture it like
-# inductor's own kernels; on the CPU the same op runs the same math in torch (no Triton there).
+# one read, one e4m3 write, one scale per row.
+#
+# Each is launched by an opaque torch.library.custom_op (as attention_fp8.py wraps cuDNN): torch.compile traces the
+# op as one call whose output shapes its fake implementation gives (symbolic token counts: dynamic shapes), inductor
+# calls it with real tensors, and on CUDA tensors the op launches the Triton kernel itself. Run 31 (H200) had them as
+# torch.library.triton_op, which hands the kernel to inductor's user-kernel machinery (mutation analysis,
+# functionalization, its own launch code): it failed three ways there (a float argument typed fp64, an assertion in
+# the decomposition of the functional kernel wrapper, NaN with static shapes after a failed mutation analysis). The
+# kernels are the whole fusion, so nothing is lost by inductor not seeing inside. What the launch needs for CUDA graphs:
+# outputs from torch.empty (torch's allocator: the graph's pool while capturing), the current stream (Triton launches
+# on torch's), no host sync, and the kernel compiled before the capture (CUDAGraphStep's warm-up calls).
+# Elsewhere (the CPU tests, eager fp8 on the CPU) the op computes the same math in torch: float32 from the inputs, one
+# rounding at the cast.
 #
 # Which call sites (use_fused_quant_ swaps the blocks' functions, as Flux.set_attention swaps the attention kernel):
 #   modulate      LayerNorm + modulate + quant: the q/k/v input of both streams, the single blocks' fused input
@@ -151,19 +159,21 @@ LN_EPS = 1e-6  # modulate's LayerNorm
 @functools.cache
 def triton_kernels() -> SimpleNamespace:
     """The Triton kernels, built on first use: Triton ships with PyTorch's CUDA builds, not with the CPU ones. One
-    program per token (grid (tokens, batch)); input rows are read at (batch, token) strides, so slices of wider
-    tensors need no copy; outputs are contiguous [batch, tokens, width]. With TRITON_INTERPRET=1 set before triton is
-    first imported, Triton's interpreter runs them on the CPU (tests/test_fp8.py)."""
+    program per token (grid (tokens, batch)); input rows are read at (batch, token) strides with unit stride along
+    the width, so slices of wider tensors need no copy; outputs are contiguous [batch, tokens, width]. Every argument
+    is a tensor, an int or a constexpr (no float: a float argument is typed by whoever generates the launch, and run
+    31's inductor typed it fp64, which the cast to e4m3 then refused). With TRITON_INTERPRET=1 set before triton is
+    first imported, Triton's interpreter runs them on CPU tensors (tests/test_fp8.py)."""
     import triton
     import triton.language as tl
 
     @triton.jit
     def ln_modulate_quant(x_ptr, gate_ptr, y_ptr, shift_ptr, scale_ptr, x_out_ptr, q_ptr, s_ptr,
-                          x_sb, x_ss, y_sb, y_ss, gate_sb, shift_sb, scale_sb, eps,
-                          N: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
+                          x_sb, x_ss, y_sb, y_ss, gate_sb, shift_sb, scale_sb,
+                          N: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, EPS: tl.constexpr):
         # [RESIDUAL: x = x + gate * y, stored] LayerNorm without affine, (1 + scale) x + shift, the row's amax and the
         # e4m3 cast, as quantize_fp8(modulate(x)) computes them, in float32 without eager's bf16 roundings between.
-        tok, b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        tok, b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # int64: no offset overflows
         row = b * tl.num_programs(0) + tok  # in the contiguous outputs
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -174,11 +184,12 @@ def triton_kernels() -> SimpleNamespace:
             x_new = (x + gate * y).to(x_out_ptr.dtype.element_ty)  # the residual stream, in its dtype (bf16)
             tl.store(x_out_ptr + row * N + cols, x_new, mask=mask)
             x = x_new.to(tl.float32)
-        centered = tl.where(mask, x - tl.sum(x, axis=0) / N, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
+        mean = tl.sum(x, axis=0) / N  # masked lanes loaded as 0: the sum is the row's
+        centered = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + EPS)
         scale = tl.load(scale_ptr + b * scale_sb + cols, mask=mask, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + b * shift_sb + cols, mask=mask, other=0.0).to(tl.float32)
-        h = centered * rstd * (1.0 + scale) + shift  # 0 past the row's end: no effect on the amax
+        h = tl.where(mask, centered * rstd * (1.0 + scale) + shift, 0.0)  # 0 past the row's end: not in the amax
         amax = tl.maximum(tl.max(tl.abs(h), axis=0), 1e-12)
         q = tl.clamp(h * (448.0 / amax), -448.0, 448.0)  # 448: e4m3's largest value, as in quantize_fp8
         tl.store(q_ptr + row * N + cols, q.to(tl.float8e4nv), mask=mask)
@@ -191,7 +202,7 @@ def triton_kernels() -> SimpleNamespace:
         # form) is evaluated once per element; inductor's looped reduction evaluated it twice (amax, then cast).
         tok, b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         row = b * tl.num_programs(0) + tok
-        amax = 1e-12
+        amax = tl.full((), 1e-12, tl.float32)
         if N_A > 0:
             cols_a = tl.arange(0, BLOCK_A)
             a = tl.load(a_ptr + b * a_sb + tok * a_ss + cols_a, mask=cols_a < N_A, other=0.0).to(tl.float32)
@@ -199,7 +210,7 @@ def triton_kernels() -> SimpleNamespace:
         if N_H > 0:
             cols_h = tl.arange(0, BLOCK_H)
             h = tl.load(h_ptr + b * h_sb + tok * h_ss + cols_h, mask=cols_h < N_H, other=0.0).to(tl.float32)
-            g = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))  # sqrt(8 / pi)
+            g = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))  # sqrt(8 / pi); GELU(0) = 0
             amax = tl.maximum(amax, tl.max(tl.abs(g), axis=0))
         inv = 448.0 / amax
         if N_A > 0:
@@ -214,75 +225,88 @@ def triton_kernels() -> SimpleNamespace:
                            next_power_of_2=triton.next_power_of_2)
 
 
-def quantized_outputs(x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty e4m3 values [batch, tokens, width] and float32 row scales [batch, tokens, 1] for x [batch, tokens, ...]."""
+def quantized_outputs(x: torch.Tensor, width) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty e4m3 values [batch, tokens, width] and float32 row scales [batch, tokens, 1] for x [batch, tokens, ...],
+    contiguous (the ops' fake implementations make the same, with symbolic sizes)."""
     b, t = x.shape[:2]
     return (torch.empty(b, t, width, device=x.device, dtype=torch.float8_e4m3fn),
             torch.empty(b, t, 1, device=x.device, dtype=torch.float32))
 
 
+def unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """t [B, S, N] or [B, N] with unit stride along the width, which the kernels assume: whatever strides a compiled
+    graph hands the op, a row is then read right (a copy only where the width is strided)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def launch(kernel, grid, device: torch.device, *args, **constants) -> None:
+    """The kernel on the tensors' device (Triton launches on the current device, on torch's current stream)."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[grid](*args, **constants)
+    else:  # Triton's interpreter (TRITON_INTERPRET=1): CPU tensors
+        kernel[grid](*args, **constants)
+
+
 def triton_ln_modulate_quant(x, shift, scale, gate=None, y=None, num_warps: int = 8):
-    """x [B, S, N] (rows of unit stride), shift/scale/gate [B, N], y like x -> (x + gate y or None, q, s): the
-    Triton kernel's launch (the ops below call it on CUDA tensors; tests and profiling.py's levers call it directly)."""
+    """x [B, S, N], shift/scale/gate [B, N], y like x -> (x + gate y or None, q, s): the Triton kernel's launch (the
+    ops below call it on CUDA tensors; tests and profiling.py's levers call it directly). Any strides but along the
+    width; the outputs are contiguous."""
     k = triton_kernels()
-    (batch, tokens, width), residual = x.shape, gate is not None
-    n = int(width)  # a constant of the kernel (3072 in FLUX); while tracing, a guard on the width
+    x = unit_stride(x)
+    (batch, tokens, n), residual = x.shape, gate is not None
+    # [B, N] or [1, N] (broadcast over the batch as modulate's scale[:, None] is: batch stride 0)
+    shift, scale = (unit_stride(t.expand(batch, n)) for t in (shift, scale))
     q, s = quantized_outputs(x, n)
-    x_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual else None
-    gate, y = (gate, y) if residual else (shift, x)  # without the residual never read (nor x_out written): stand-ins
-    wrap_triton(k.ln_modulate_quant)[(tokens, batch)](
-        x, gate, y, shift, scale, x_out if residual else x, q, s, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        gate.stride(0), shift.stride(0), scale.stride(0), LN_EPS, N=n, BLOCK=k.next_power_of_2(n),
-        RESIDUAL=residual, num_warps=num_warps)
-    return x_out, q, s
+    if residual:
+        gate, y = unit_stride(gate.expand(batch, n)), unit_stride(y.expand(batch, tokens, n))
+        x_out = torch.empty(batch, tokens, n, device=x.device, dtype=x.dtype)
+    else:  # gate, y and x_out are never read nor written: stand-in pointers
+        gate, y, x_out = shift, x, q
+    if x.numel():
+        launch(k.ln_modulate_quant, (tokens, batch), x.device,
+               x, gate, y, shift, scale, x_out, q, s, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+               gate.stride(0), shift.stride(0), scale.stride(0), N=n, BLOCK=k.next_power_of_2(n),
+               RESIDUAL=residual, EPS=LN_EPS, num_warps=num_warps)
+    return (x_out if residual else None), q, s
 
 
 def triton_gelu_quant(a, h, num_warps: int = 16):
     """quantize_fp8(cat([a, gelu_tanh(h)], -1)) as one kernel, either part optional (None); a and h [B, S, width]
-    with unit stride along the width (h may be a column slice of a wider tensor, as the single blocks' MLP input is)
-    -> (q, s)."""
+    (h may be a column slice of a wider tensor, as the single blocks' MLP input is; any strides but along the width)
+    -> (q, s), contiguous."""
     k = triton_kernels()
+    a, h = (None if t is None else unit_stride(t) for t in (a, h))
     present = h if h is not None else a
-    widths = [0 if t is None else int(t.shape[-1]) for t in (a, h)]  # constants of the kernel, as above
+    if a is not None and h is not None:
+        assert a.shape[:2] == h.shape[:2], (a.shape, h.shape)
+    widths = [0 if t is None else t.shape[-1] for t in (a, h)]  # constants of the kernel
     q, s = quantized_outputs(present, sum(widths))
     a, h = (present if t is None else t for t in (a, h))  # an absent part is never read: a stand-in pointer
-    wrap_triton(k.gelu_quant)[(present.shape[1], present.shape[0])](
-        a, h, q, s, a.stride(0), a.stride(1), h.stride(0), h.stride(1), N_A=widths[0], N_H=widths[1],
-        BLOCK_A=k.next_power_of_2(widths[0]) if widths[0] else 0, BLOCK_H=k.next_power_of_2(widths[1]) if widths[1]
-        else 0, num_warps=num_warps)
+    if present.numel():
+        launch(k.gelu_quant, (present.shape[1], present.shape[0]), present.device,
+               a, h, q, s, a.stride(0), a.stride(1), h.stride(0), h.stride(1), N_A=widths[0], N_H=widths[1],
+               BLOCK_A=k.next_power_of_2(widths[0]) if widths[0] else 0,
+               BLOCK_H=k.next_power_of_2(widths[1]) if widths[1] else 0, num_warps=num_warps)
     return q, s
 
 
-# The ops. Each computes on CUDA tensors with its Triton kernel, elsewhere (the CPU tests, eager fp8 on the CPU) with
-# the same math in torch: float32 from the bf16 inputs, one rounding at the cast. The branch is on the device, which
-# tracing sees as a constant: a compiled block on the GPU holds the Triton kernel, on the CPU inductor's fusion of the
-# torch ops. The shapes of the outputs follow from the inputs' (any token count: the fake tensors of a dynamic-shape
-# compile run this same code).
+# The ops. On CUDA tensors each launches its Triton kernel; on any other device it computes the same in torch. The
+# outputs are new contiguous tensors in both (the fake implementations promise exactly that to the compiled graph).
+TRITON_DEVICES = {"cuda"}  # where the ops launch the Triton kernels; tests add "cpu" under TRITON_INTERPRET=1
+
+
 def fused_on(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda"
-
-
-def fused_quant_op(name: str):
-    """torch.library.triton_op, quiet where Triton is not installed (CPU machines, where the ops run their torch
-    twins): triton_op looks for the Triton kernels in the function when it is defined, and would log a warning."""
-    def define(fn):
-        log = logging.getLogger("torch._library.triton")
-        level = log.level
-        log.setLevel(logging.ERROR)
-        try:
-            return triton_op(name, fn, mutates_args=())
-        finally:
-            log.setLevel(level)
-
-    return define
+    return t.device.type in TRITON_DEVICES
 
 
 def torch_ln_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
-    return quantize_fp8(F.layer_norm(x.float(), x.shape[-1:], eps=LN_EPS) * (1 + scale.float()[:, None])
+    q, s = quantize_fp8(F.layer_norm(x.float(), x.shape[-1:], eps=LN_EPS) * (1 + scale.float()[:, None])
                         + shift.float()[:, None])
+    return q.contiguous(), s.contiguous()
 
 
-@fused_quant_op("flux::ln_modulate_quant")
+@torch.library.custom_op("flux::ln_modulate_quant", mutates_args=())
 def ln_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_fp8(modulate(x, shift, scale)) in one pass per row: (q [B, S, N], s [B, S, 1])."""
     if fused_on(x):
@@ -290,30 +314,52 @@ def ln_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor)
     return torch_ln_modulate_quant(x, shift, scale)
 
 
-@fused_quant_op("flux::add_ln_modulate_quant")
+@ln_modulate_quant.register_fake
+def _(x, shift, scale):
+    return quantized_outputs(x, x.shape[-1])
+
+
+@torch.library.custom_op("flux::add_ln_modulate_quant", mutates_args=())
 def add_ln_modulate_quant(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
                           scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x + gate y (the new residual stream, bf16), and its quantize_fp8(modulate(...)), in one pass per row."""
+    """x + gate y (the new residual stream, in x's dtype), and its quantize_fp8(modulate(...)), in one pass per row."""
     if fused_on(x):
         return triton_ln_modulate_quant(x, shift, scale, gate, y)
-    x = (x.float() + gate.float()[:, None] * y.float()).to(x.dtype)
+    x = (x.float() + gate.float()[:, None] * y.float()).to(x.dtype).contiguous()
     return x, *torch_ln_modulate_quant(x, shift, scale)
 
 
-@fused_quant_op("flux::gelu_quant")
+@add_ln_modulate_quant.register_fake
+def _(x, gate, y, shift, scale):
+    return (torch.empty(x.shape, device=x.device, dtype=x.dtype), *quantized_outputs(x, x.shape[-1]))
+
+
+@torch.library.custom_op("flux::gelu_quant", mutates_args=())
 def gelu_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_fp8(gelu_tanh(h)) in one pass per row."""
     if fused_on(h):
         return triton_gelu_quant(None, h)
-    return quantize_fp8(gelu_tanh(h.float()))
+    q, s = quantize_fp8(gelu_tanh(h.float()))
+    return q.contiguous(), s.contiguous()
 
 
-@fused_quant_op("flux::cat_gelu_quant")
+@gelu_quant.register_fake
+def _(h):
+    return quantized_outputs(h, h.shape[-1])
+
+
+@torch.library.custom_op("flux::cat_gelu_quant", mutates_args=())
 def cat_gelu_quant(a: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_fp8(cat([a, gelu_tanh(h)], -1)) in one pass per row."""
     if fused_on(h):
         return triton_gelu_quant(a, h)
-    return quantize_fp8(torch.cat([a.float(), gelu_tanh(h.float())], dim=-1))
+    q, s = quantize_fp8(torch.cat([a.float(), gelu_tanh(h.float())], dim=-1))
+    return q.contiguous(), s.contiguous()
+
+
+@cat_gelu_quant.register_fake
+def _(a, h):
+    return quantized_outputs(h, a.shape[-1] + h.shape[-1])
 
 
 # The blocks' functions (optimized_inference: modulate, add_modulate, FeedForward.act, cat_act), quantizing.
