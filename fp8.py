@@ -210,7 +210,10 @@ def triton_kernels() -> SimpleNamespace:
         if N_H > 0:
             cols_h = tl.arange(0, BLOCK_H)
             h = tl.load(h_ptr + b * h_sb + tok * h_ss + cols_h, mask=cols_h < N_H, other=0.0).to(tl.float32)
-            g = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))  # sqrt(8 / pi); GELU(0) = 0
+            # sqrt(8 / pi); sigmoid's argument kept within ±80 (where it is 1 or < 2e-35 in float32): no inf inside
+            # the kernel however the GPU's approximate exp and division treat one (h in the hundreds makes |u| ~1e8)
+            u = tl.minimum(tl.maximum(1.5957691216057308 * (h + 0.044715 * h * h * h), -80.0), 80.0)
+            g = h * tl.sigmoid(u)  # GELU(0) = 0: masked lanes stay out of the amax
             amax = tl.maximum(amax, tl.max(tl.abs(g), axis=0))
         inv = 448.0 / amax
         if N_A > 0:

@@ -68,9 +68,10 @@ PY
         --compare-bf16 --runs 1 --timings-json "$OUT/fp8-error.json" --output "$OUT/fp8.png" 2>&1 \
         | tee "$OUT/fp8-error.log" || status=1 ;;
     fused-quant)  # issue 15: fp8 with and without --fp8-fused-quant, each its own process: denoiser time, and fp8's
-                  # velocity error and PSNR/SSIM against bf16 (--compare-bf16, eager, after the timed runs)
-      for mode in on off; do
-        flags=(); [ $mode = off ] && flags=(--no-fp8-fused-quant)
+                  # velocity error and PSNR/SSIM against bf16 (--compare-bf16, eager, after the timed runs); `static`:
+                  # fused with --no-dynamic-shapes (run 31's NaN). $FUSED_QUANT_MODES narrows (default "on off static")
+      for mode in ${FUSED_QUANT_MODES:-on off static}; do
+        flags=(); [ $mode = off ] && flags=(--no-fp8-fused-quant); [ $mode = static ] && flags=(--no-dynamic-shapes)
         python3 optimized_inference.py --random-weights --prompt "$PROMPT" --no-text-buckets --quantize fp8 \
           --compare-bf16 --runs 3 "${flags[@]}" --timings-json "$OUT/fused-quant-$mode.json" \
           --output /tmp/fused-quant-$mode.png 2>&1 | tee "$OUT/fused-quant-$mode.log" || status=1
@@ -235,7 +236,7 @@ for f in "$OUT"/mixed-*.log; do [ -f "$f" ] && { echo "$f"; grep -E "models load
 for f in "$OUT"/bench/results.md "$OUT"/bench-old/results.md "$OUT"/peers*/results.md; do [ -f "$f" ] && { echo "$f"; grep '^|' "$f"; }; done
 [ -f "$OUT/levers/table.txt" ] && { echo "$OUT/levers/table.txt"; cat "$OUT/levers/table.txt"; }
 for f in "$OUT"/reference.json "$OUT"/optimized.json "$OUT"/offload.json "$OUT"/fp8-error.json "$OUT"/cp*.json "$OUT"/vae*.json \
-         "$OUT"/attn8-{none,fp8}-{auto,cudnn-fp8}.json "$OUT"/fused-quant-{on,off}.json; do
+         "$OUT"/attn8-{none,fp8}-{auto,cudnn-fp8}.json "$OUT"/fused-quant-{on,off,static}.json; do
   [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], *(f'{k}={d[k][\"median\"]:.3f}s' for k in ('text_encoders','denoiser','vae','end_to_end')), f'warmup={d[\"warmup_s\"]:.1f}s peak={d.get(\"peak_mem_GiB\",0):.1f}GiB', *(f'{k}={v:.4f}' for k, v in d.get('fp8_vs_bf16', {}).items()))" "$f"
 done
 exit $status
