@@ -14,7 +14,8 @@ Rows (--configs takes a comma-separated list; all of them by default, in this or
   diffusers-fused-cudnn-compile   + fused q/k/v projections, cuDNN attention and a channels_last VAE, then compile
   reference                       single_file_inference.py
   opt-bf16                        optimized_inference.py with every optimization off except bf16 RoPE (and
-                                  regional compilation and fp8's unsplit reductions, which need compile or fp8)
+                                  regional compilation and fp8's unsplit reductions and fused quant, which need
+                                  compile or fp8)
   opt+fused-qkv .. opt+attention  the ladder: each rung switches on one more optimization (see LADDER); the last
                                   rung is the whole optimized script at the same T5 length as every row above
   opt-text128 .. opt-text512      the whole optimized script at a fixed T5 length of 128 .. 512 tokens (a bucket)
@@ -22,6 +23,8 @@ Rows (--configs takes a comma-separated list; all of them by default, in this or
   para-attn-cp2, para-attn-cp4    the same for ParaAttention (below); a row needing more GPUs than there are fails
   opt-fp8, opt-fp8-keep1          the whole optimized script with fp8 linear layers (--quantize fp8), and with the
                                   first and last block kept in bf16; % of roofline is against the bf16 matmul rate
+  opt-fp8-unfused                 opt-fp8 without its one-pass Triton kernels before each fp8 matmul
+                                  (--no-fp8-fused-quant: inductor's fusion of the same ops), for the A/B
   xdit, para-attn, cache-dit      the peers, each set up as its documentation sets up FLUX.1-dev on one GPU, on the
                                   diffusers rows' pipeline and timed the same way (peers.py; optional packages,
                                   requirements-peers.txt); a peer not installed is a failed row
@@ -34,7 +37,7 @@ Wall time per row on an H100 at the defaults: about 1 minute for an eager row (b
 three runs); the compiled rows (diffusers-compile, diffusers-fused-cudnn-compile, opt+compile and every opt row
 after it) add 2.5-4 minutes of compilation each, since no row reuses another's cache (H100 estimates; on an H200
 the opt+attention and opt-fp8 rows took about 1.5 minutes each with regional compilation, runs 21-22). The 21 bf16
-rows and the two fp8 rows together take over an hour; pick rows with --configs for less.
+rows and the fp8 rows together take over an hour; pick rows with --configs for less.
 
 Before the rows, on a GPU, the roofline is measured in this process: the bf16 matmul rate at FLUX's shapes and
 the attention rate of the cuDNN and flash kernels. Each row then reports its achieved TFLOP/s in the denoiser and
@@ -162,6 +165,8 @@ ROWS = {
     "opt-fp8": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8"), lossy=True),
     "opt-fp8-keep1": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8", "--fp8-keep-bf16", "1"),
                          lossy=True),
+    "opt-fp8-unfused": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8", "--no-fp8-fused-quant"),
+                           lossy=True),
     "opt-fp8-attn8": Row("optimized_inference.py",  # and 8-bit attention (opt-in, lossy; Hopper, attention_fp8.py)
                          ("--no-text-buckets", "--quantize", "fp8", "--attention", "cudnn-fp8"), lossy=True),
     # The peers' caches, next to our fp8 rows.

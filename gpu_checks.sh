@@ -2,7 +2,7 @@
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
 # Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [ttfi] [offload] [fp8-error] [batch] [parallel]
 #        [mixed] [sweep] [vae] [startup] [attn8-tests] [attn8] [bench CONFIGS] [bench-old CONFIGS] [peers1] [peers2]
-#        [peers3] [peers-cp2] [peers-cp4] [levers]
+#        [peers3] [peers-cp2] [peers-cp4] [levers] [fused-quant]
 # (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
 # counts of `parallel` (default "1 2 4"); $ATTN8_QUANT the --quantize values of `attn8` (default "none fp8");
 # $MIXED_VAE the VAE modes of `mixed` (default "compiled eager").
@@ -67,6 +67,15 @@ PY
       python3 optimized_inference.py --random-weights --prompt "$PROMPT" --no-text-buckets --quantize fp8 \
         --compare-bf16 --runs 1 --timings-json "$OUT/fp8-error.json" --output "$OUT/fp8.png" 2>&1 \
         | tee "$OUT/fp8-error.log" || status=1 ;;
+    fused-quant)  # issue 15: fp8 with and without --fp8-fused-quant, each its own process: denoiser time, and fp8's
+                  # velocity error and PSNR/SSIM against bf16 (--compare-bf16, eager, after the timed runs); `static`:
+                  # fused with --no-dynamic-shapes (run 31's NaN). $FUSED_QUANT_MODES narrows (default "on off static")
+      for mode in ${FUSED_QUANT_MODES:-on off static}; do
+        flags=(); [ $mode = off ] && flags=(--no-fp8-fused-quant); [ $mode = static ] && flags=(--no-dynamic-shapes)
+        python3 optimized_inference.py --random-weights --prompt "$PROMPT" --no-text-buckets --quantize fp8 \
+          --compare-bf16 --runs 3 "${flags[@]}" --timings-json "$OUT/fused-quant-$mode.json" \
+          --output /tmp/fused-quant-$mode.png 2>&1 | tee "$OUT/fused-quant-$mode.log" || status=1
+      done ;;
     attn8-tests)  # issue 15: cuDNN's fp8 attention at FLUX's shape, in a CUDA graph, compiled, in the full model
       python3 -m pytest -q -rA -s -m cuda tests/test_attention_fp8.py 2>&1 | tee "$OUT/attn8-tests.log" || status=1 ;;
     attn8)  # issue 15: bf16 against 8-bit attention, with bf16 and with fp8 linear layers, one seed; then the
@@ -227,7 +236,7 @@ for f in "$OUT"/mixed-*.log; do [ -f "$f" ] && { echo "$f"; grep -E "models load
 for f in "$OUT"/bench/results.md "$OUT"/bench-old/results.md "$OUT"/peers*/results.md; do [ -f "$f" ] && { echo "$f"; grep '^|' "$f"; }; done
 [ -f "$OUT/levers/table.txt" ] && { echo "$OUT/levers/table.txt"; cat "$OUT/levers/table.txt"; }
 for f in "$OUT"/reference.json "$OUT"/optimized.json "$OUT"/offload.json "$OUT"/fp8-error.json "$OUT"/cp*.json "$OUT"/vae*.json \
-         "$OUT"/attn8-{none,fp8}-{auto,cudnn-fp8}.json; do
-  [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], *(f'{k}={d[k][\"median\"]:.3f}s' for k in ('text_encoders','denoiser','vae','end_to_end')), f'warmup={d[\"warmup_s\"]:.1f}s peak={d.get(\"peak_mem_GiB\",0):.1f}GiB')" "$f"
+         "$OUT"/attn8-{none,fp8}-{auto,cudnn-fp8}.json "$OUT"/fused-quant-{on,off,static}.json; do
+  [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], *(f'{k}={d[k][\"median\"]:.3f}s' for k in ('text_encoders','denoiser','vae','end_to_end')), f'warmup={d[\"warmup_s\"]:.1f}s peak={d.get(\"peak_mem_GiB\",0):.1f}GiB', *(f'{k}={v:.4f}' for k, v in d.get('fp8_vs_bf16', {}).items()))" "$f"
 done
 exit $status

@@ -163,6 +163,10 @@ class Options:
         "a new resolution costs a CUDA graph capture, ~1 s, instead of a compile")
     fp8_unsplit_reductions: bool = optimization("with --quantize fp8: no split reductions (`compile_options`)",
                                                 "each per-token amax fuses with its cast: -83 ms (run 13)")
+    fp8_fused_quant: bool = optimization(
+        "with --quantize fp8: one Triton pass per row before each fp8 matmul: LayerNorm + modulate (and the residual "
+        "add before it) or GELU, then the per-token amax and e4m3 cast (`fp8.use_fused_quant_`)",
+        "inductor's kernels for these ran at ~3x their memory time or worse (run 16)", False)
     cuda_graphs: bool = optimization("the step captured once per shape as a CUDA graph (`CUDAGraphStep`)",
                                      "no per-kernel launch cost, no CPU in the loop")
     channels_last_vae: bool = optimization("VAE decoder in channels_last", "its convolutions run faster in NHWC",
@@ -284,6 +288,18 @@ def resolve_attention(backend: str, device: torch.device) -> str:
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: normalize without affine weights, then scale and shift per sample from the conditioning vector."""
     return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+
+def add_modulate(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
+                 scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated residual add, and the next layer's input made from its result: (x + gate y, modulate(that))."""
+    x = x + gate[:, None] * y
+    return x, modulate(x, shift, scale)
+
+
+def cat_act(attn: torch.Tensor, mlp: torch.Tensor, act) -> torch.Tensor:
+    """The single blocks' output projection input: [attention | act(MLP input)]."""
+    return torch.cat([attn, act(mlp)], dim=-1)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -451,7 +467,7 @@ class DoubleAttention(nn.Module):
             tq, tk, tv = heads(self.add_q_proj(txt)), heads(self.add_k_proj(txt)), heads(self.add_v_proj(txt))
         rot = functools.partial(apply_rope, halves=self.halves)
         if self.per_stream:  # compiled, each stream's norm + RoPE is one kernel writing straight into the joint q/k
-            txt_pe, img_pe = zip(*(t.split([txt.shape[1], img.shape[1]]) for t in pe), strict=True)
+            txt_pe, img_pe = zip(*(t.split([tq.shape[1], iq.shape[1]]) for t in pe), strict=True)
             q = torch.cat([rot(self.norm_added_q(tq), *txt_pe), rot(self.norm_q(iq), *img_pe)], dim=1)
             k = torch.cat([rot(self.norm_added_k(tk), *txt_pe), rot(self.norm_k(ik), *img_pe)], dim=1)
         else:
@@ -459,7 +475,7 @@ class DoubleAttention(nn.Module):
             k = rot(torch.cat([self.norm_added_k(tk), self.norm_k(ik)], dim=1), *pe)
         v = torch.cat([tv, iv], dim=1)
         out = self.attend(q, k, v)  # [B, L_txt + L_img, hidden]
-        txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)
+        txt_out, img_out = out.split([tq.shape[1], iq.shape[1]], dim=1)
         return self.to_out[0](img_out), self.to_add_out(txt_out)
 
 
@@ -472,16 +488,19 @@ class DoubleStreamBlock(nn.Module):
         self.norm1, self.norm1_context = AdaNorm(dim, 6), AdaNorm(dim, 6)
         self.attn = DoubleAttention(dim, cfg.attention_head_dim, opts)
         self.ff, self.ff_context = FeedForward(dim, hidden, opts), FeedForward(dim, hidden, opts)
+        # What makes a linear layer's input from the residual stream; with --quantize fp8, functions that also
+        # quantize it for the fp8 matmul, in one pass per row (fp8.use_fused_quant_; --no-fp8-fused-quant).
+        self.modulate, self.add_modulate = modulate, add_modulate
 
     def forward(self, img, txt, mod, pe):
         img_mod, txt_mod = mod.chunk(2, dim=-1)  # this block's slice of the precomputed modulations
         shift1, scale1, gate1, shift2, scale2, gate2 = img_mod.chunk(6, dim=-1)
         c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = txt_mod.chunk(6, dim=-1)
-        img_attn, txt_attn = self.attn(modulate(img, shift1, scale1), modulate(txt, c_shift1, c_scale1), pe)
-        img = img + gate1[:, None] * img_attn
-        img = img + gate2[:, None] * self.ff(modulate(img, shift2, scale2))
-        txt = txt + c_gate1[:, None] * txt_attn
-        txt = txt + c_gate2[:, None] * self.ff_context(modulate(txt, c_shift2, c_scale2))
+        img_attn, txt_attn = self.attn(self.modulate(img, shift1, scale1), self.modulate(txt, c_shift1, c_scale1), pe)
+        img, img_in = self.add_modulate(img, gate1, img_attn, shift2, scale2)  # img + gate1 img_attn, modulated
+        img = img + gate2[:, None] * self.ff(img_in)
+        txt, txt_in = self.add_modulate(txt, c_gate1, txt_attn, c_shift2, c_scale2)
+        txt = txt + c_gate2[:, None] * self.ff_context(txt_in)
         return img, txt
 
 
@@ -514,17 +533,17 @@ class SingleStreamBlock(nn.Module):
         else:
             self.proj_mlp = nn.Linear(dim, hidden)
         self.proj_out = nn.Linear(dim + hidden, dim)
+        self.modulate, self.cat_act = modulate, cat_act  # fp8: quantizing versions (as in DoubleStreamBlock)
 
     def forward(self, x, mod, pe):
         shift, scale, gate = mod.chunk(3, dim=-1)
-        h = modulate(x, shift, scale)
+        h = self.modulate(x, shift, scale)
         if self.fused:
             q, k, v, mlp = self.to_qkv_mlp(h).split([self.dim, self.dim, self.dim, self.to_qkv_mlp.out_features
                                                      - 3 * self.dim], dim=-1)
         else:
             q, k, v, mlp = self.attn.to_q(h), self.attn.to_k(h), self.attn.to_v(h), self.proj_mlp(h)
-        mlp = self.act(mlp)
-        return x + gate[:, None] * self.proj_out(torch.cat([self.attn(q, k, v, pe), mlp], dim=-1))
+        return x + gate[:, None] * self.proj_out(self.cat_act(self.attn(q, k, v, pe), mlp, self.act))
 
 
 class Flux(nn.Module):
@@ -893,7 +912,7 @@ def optimize(transformer: Flux, vae: nn.Module, opts: Options, precompiled: str 
         import fp8
 
         bf16 = fp8.bf16_twin(transformer) if opts.compare_bf16 else None
-        fp8.quantize_fp8_(transformer, opts.fp8_keep_bf16)
+        fp8.quantize_fp8_(transformer, opts.fp8_keep_bf16, opts.fp8_fused_quant)
     if opts.channels_last_vae:  # the decoder's convolutions run faster in NHWC
         vae.to(memory_format=torch.channels_last)
     if opts.compile:  # fuses the elementwise work around the matmuls into few kernels
@@ -1020,7 +1039,8 @@ def describe(pipe: Pipeline) -> str:
         "cuda graphs": sum(isinstance(s, CUDAGraphStep) for s in pipe.steps.values()),
         "channels-last vae": next(pipe.vae.parameters()).is_contiguous(memory_format=torch.channels_last),
         "uint8 on": seen.get("uint8_on"), "lora layers": len(model.loras.touched) if hasattr(model, "loras") else 0,
-        "fp8 linear layers": 0 if fp8 is None else count(lambda m: isinstance(m, fp8.Float8Linear))}.items())
+        "fp8 linear layers": 0 if fp8 is None else count(lambda m: isinstance(m, fp8.Float8Linear)),
+        "fp8 fused quant": 0 if fp8 is None else fp8.fused_quant_functions(model)}.items())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -62,7 +62,6 @@ def profile_run(pipe: Pipeline, req: Request, path: str) -> dict:
     return report
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Issue 15's levers: each candidate kernel change timed alone at FLUX.1-dev's shapes, against what the model runs today
 # (`python3 profiling.py levers --out DIR`; gpu_checks.sh's `levers` step). Nothing here is on the model's path.
@@ -124,89 +123,6 @@ def relative_error(out, ref) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@functools.cache
-def triton_kernels() -> SimpleNamespace:
-    """Lever 2's hand-written kernels: one program per token, the row read once and kept in registers. Built on first
-    use (Triton ships with PyTorch's CUDA builds, not with the CPU ones); with TRITON_INTERPRET=1 set before the first
-    call, Triton's interpreter runs them on the CPU (tests/test_levers.py)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def ln_modulate_quant(x_ptr, shift_ptr, scale_ptr, q_ptr, s_ptr, n, eps, BLOCK: tl.constexpr):
-        # LayerNorm without affine, (1 + scale) x + shift, the row's amax and the e4m3 cast, as quantize_fp8(modulate())
-        # computes them, in float32 without the bf16 roundings in between (as inductor's kernel does).
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n
-        x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
-        centered = tl.where(mask, x - tl.sum(x, axis=0) / n, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / n + eps)
-        scale = tl.load(scale_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        y = centered * rstd * (1.0 + scale) + shift  # 0 past the row's end: no effect on the amax
-        amax = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12)
-        q = tl.clamp(y * (448.0 / amax), -448.0, 448.0)  # 448: e4m3's largest value, as in fp8.quantize_fp8
-        tl.store(q_ptr + row * n + cols, q.to(tl.float8e4nv), mask=mask)
-        tl.store(s_ptr + row, amax / 448.0)
-
-    @triton.jit
-    def gelu_quant(a_ptr, h_ptr, q_ptr, s_ptr, a_stride, h_stride, n_a, n_h, BLOCK_A: tl.constexpr,
-                   BLOCK_H: tl.constexpr):
-        # The row [a | GELU(h)] (a part with BLOCK 0 is absent), its amax and the e4m3 cast. GELU is evaluated once
-        # per element; inductor's looped reduction evaluates it twice, once for the amax and once for the cast.
-        row = tl.program_id(0).to(tl.int64)
-        amax = 1e-12
-        if BLOCK_A > 0:
-            cols_a = tl.arange(0, BLOCK_A)
-            a = tl.load(a_ptr + row * a_stride + cols_a, mask=cols_a < n_a, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(a), axis=0))
-        if BLOCK_H > 0:
-            cols_h = tl.arange(0, BLOCK_H)
-            h = tl.load(h_ptr + row * h_stride + cols_h, mask=cols_h < n_h, other=0.0).to(tl.float32)
-            g = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))  # gelu_tanh: sqrt(8 / pi)
-            amax = tl.maximum(amax, tl.max(tl.abs(g), axis=0))
-        inv = 448.0 / amax
-        if BLOCK_A > 0:
-            q_a = tl.clamp(a * inv, -448.0, 448.0)
-            tl.store(q_ptr + row * (n_a + n_h) + cols_a, q_a.to(tl.float8e4nv), mask=cols_a < n_a)
-        if BLOCK_H > 0:
-            q_h = tl.clamp(g * inv, -448.0, 448.0)
-            tl.store(q_ptr + row * (n_a + n_h) + n_a + cols_h, q_h.to(tl.float8e4nv), mask=cols_h < n_h)
-        tl.store(s_ptr + row, amax / 448.0)
-
-    return SimpleNamespace(ln_modulate_quant=ln_modulate_quant, gelu_quant=gelu_quant,
-                           next_power_of_2=triton.next_power_of_2)
-
-
-def triton_ln_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, num_warps: int = 8):
-    """quantize_fp8(modulate(x, shift, scale)) for x [1, tokens, dim] in one kernel: q [tokens, dim], s [tokens, 1]."""
-    k = triton_kernels()
-    x = x.reshape(-1, x.shape[-1])
-    tokens, n = x.shape
-    q = torch.empty(tokens, n, device=x.device, dtype=torch.float8_e4m3fn)
-    s = torch.empty(tokens, 1, device=x.device, dtype=torch.float32)
-    k.ln_modulate_quant[(tokens,)](x, shift.contiguous(), scale.contiguous(), q, s, n, 1e-6,
-                                   BLOCK=k.next_power_of_2(n), num_warps=num_warps)
-    return q, s
-
-
-def triton_gelu_quant(a: torch.Tensor | None, h: torch.Tensor | None, num_warps: int = 16):
-    """quantize_fp8(cat([a, gelu_tanh(h)], -1)) as one kernel, either part optional; a and h [1, tokens, width] with
-    unit stride along the width (h may be a column slice of a wider tensor, as the single blocks' MLP input is)."""
-    k = triton_kernels()
-    parts = [t.reshape(-1, t.shape[-1]) if t is not None else None for t in (a, h)]
-    present = next(t for t in parts if t is not None)  # an absent part is never read: this one stands in for it
-    a2, h2 = (t if t is not None else present for t in parts)
-    tokens, widths = present.shape[0], [t.shape[1] if t is not None else 0 for t in parts]
-    q = torch.empty(tokens, sum(widths), device=a2.device, dtype=torch.float8_e4m3fn)
-    s = torch.empty(tokens, 1, device=a2.device, dtype=torch.float32)
-    blocks = [k.next_power_of_2(w) if w else 0 for w in widths]
-    k.gelu_quant[(tokens,)](a2, h2, q, s, a2.stride(0), h2.stride(0), *widths, BLOCK_A=blocks[0], BLOCK_H=blocks[1],
-                            num_warps=num_warps)
-    return q, s
-
-
 def lever_cases(device: torch.device, sizes: Sizes = Sizes(), compiled: bool = True, kernels: bool = True,
                 levers: tuple[str, ...] = ("L1", "L2", "L3")) -> list[Case]:
     """Issue 15's levers at every shape a step meets them, with how often (model code: DoubleStreamBlock,
@@ -217,7 +133,8 @@ def lever_cases(device: torch.device, sizes: Sizes = Sizes(), compiled: bool = T
     L2 (fp8): the passes before an fp8 GEMM as one kernel per row: LayerNorm + modulate + amax + cast (the inputs of
         to_qkv, to_added_qkv, both FeedForwards, to_qkv_mlp); GELU + amax + cast (the input of ff.net.2; in the single
         blocks [attention | GELU(mlp)], the input of proj_out); the attention output's amax + cast (to_out,
-        to_add_out). Inductor's kernels (the fp8 model's compile options) against the Triton kernels above.
+        to_add_out). Inductor's kernels (the fp8 model's compile options; --no-fp8-fused-quant) against fp8.py's
+        Triton kernels (--fp8-fused-quant, which runs them in the model; not the attention output's).
     L3 (bf16): the GELU after ff.net.0 and the gated residual after the gated GEMMs in the GEMM's epilogue, through
         inductor's Triton GEMM templates (max-autotune), against cuBLAS and inductor's separate pointwise kernel; for
         GELU also cuBLASLt's own bias + GELU epilogue. (The single blocks' GELU applies to a column slice of the fused
@@ -327,20 +244,20 @@ def lever_cases(device: torch.device, sizes: Sizes = Sizes(), compiled: bool = T
             l2(f"LN + modulate + quant, {where}", tokens, calls,
                lambda t=tokens: SimpleNamespace(args=(tokens_dynamic(randn(1, t, d)), randn(1, d, std=0.5),
                                                       randn(1, d, std=0.5))),
-               ln_quant, lambda i, num_warps: triton_ln_modulate_quant(i.args[0], i.args[1][0], i.args[2][0],
-                                                                       num_warps), d, (4, 8))
+               ln_quant, lambda i, num_warps: fp8.triton_ln_modulate_quant(*i.args, num_warps=num_warps)[1:], d,
+               (4, 8))
         l2("[attn | GELU] + quant, single", joint, single,
            lambda: SimpleNamespace(args=(tokens_dynamic(randn(1, joint, d)),
                                          tokens_dynamic(randn(1, joint, 3 * d + mlp, std=2.0)))),
-           cat_gelu_quant, lambda i, num_warps: triton_gelu_quant(i.args[0], i.args[1][..., 3 * d:], num_warps),
+           cat_gelu_quant, lambda i, num_warps: fp8.triton_gelu_quant(i.args[0], i.args[1][..., 3 * d:], num_warps),
            d + mlp, (8, 16, 32))
         for tokens, where in ((img, "double img"), (txt, "double txt")):
             l2(f"GELU + quant, {where}", tokens, double,
                lambda t=tokens: SimpleNamespace(args=(tokens_dynamic(randn(1, t, mlp, std=2.0)),)),
-               gelu_quant, lambda i, num_warps: triton_gelu_quant(None, i.args[0], num_warps), mlp, (8, 16, 32))
+               gelu_quant, lambda i, num_warps: fp8.triton_gelu_quant(None, i.args[0], num_warps), mlp, (8, 16, 32))
             l2(f"attention output quant, {where}", tokens, double,
                lambda t=tokens: SimpleNamespace(args=(tokens_dynamic(randn(1, t, d)),)),
-               fp8.quantize_fp8, lambda i, num_warps: triton_gelu_quant(i.args[0], None, num_warps), d, (4, 8))
+               fp8.quantize_fp8, lambda i, num_warps: fp8.triton_gelu_quant(i.args[0], None, num_warps), d, (4, 8))
 
     if "L3" in levers:
         def l3(name, tokens, k, n, calls, fn, inputs, cublaslt=None):

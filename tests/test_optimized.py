@@ -296,7 +296,7 @@ def test_cli_matches_reference_and_diffusers(flags, tiny_pipeline_dir, reference
         "step": "euler_step" if on else "velocity", "compile": "off", "compiled graphs": "0 for 1 step shapes",
         "precompiled graphs loaded/compiled": "off", "compile cache hits/misses": "0/0", "vae compiled": "False",
         "cuda graphs": "0", "channels-last vae": str(on), "uint8 on": "cpu", "lora layers": "0",
-        "fp8 linear layers": "0"}
+        "fp8 linear layers": "0", "fp8 fused quant": "0"}
     for component in ("text_encoders", "denoiser", "vae"):
         assert re.search(rf"^{component} time: \d+\.\d{{3}}s$", stdout, re.MULTILINE), stdout
     with Image.open(out) as im:
