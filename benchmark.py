@@ -25,6 +25,9 @@ Rows (--configs takes a comma-separated list; all of them by default, in this or
                                   first and last block kept in bf16; % of roofline is against the bf16 matmul rate
   opt-fp8-unfused                 opt-fp8 without its one-pass Triton kernels before each fp8 matmul
                                   (--no-fp8-fused-quant: inductor's fusion of the same ops), for the A/B
+  opt-attn8, opt-fp8-attn8        8-bit attention (--attention cudnn-fp8; Hopper, nvidia-cudnn-frontend) with bf16
+                                  and with fp8 linear layers; opt-fp8-attn8-split: the latter with split reductions
+                                  (--no-fp8-unsplit-reductions), so that k's and v's column statistics split
   xdit, para-attn, cache-dit      the peers, each set up as its documentation sets up FLUX.1-dev on one GPU, on the
                                   diffusers rows' pipeline and timed the same way (peers.py; optional packages,
                                   requirements-peers.txt); a peer not installed is a failed row
@@ -167,8 +170,12 @@ ROWS = {
                          lossy=True),
     "opt-fp8-unfused": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8", "--no-fp8-fused-quant"),
                            lossy=True),
-    "opt-fp8-attn8": Row("optimized_inference.py",  # and 8-bit attention (opt-in, lossy; Hopper, attention_fp8.py)
+    # 8-bit attention (opt-in, lossy; Hopper, attention_fp8.py), with bf16 and with fp8 linear layers.
+    "opt-attn8": Row("optimized_inference.py", ("--no-text-buckets", "--attention", "cudnn-fp8"), lossy=True),
+    "opt-fp8-attn8": Row("optimized_inference.py",
                          ("--no-text-buckets", "--quantize", "fp8", "--attention", "cudnn-fp8"), lossy=True),
+    "opt-fp8-attn8-split": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8", "--attention",
+                                                          "cudnn-fp8", "--no-fp8-unsplit-reductions"), lossy=True),
     # The peers' caches, next to our fp8 rows.
     **{name: Row(SCRIPT, ("--worker", name), lossy=True, package=peer.package)
        for name, peer in peers.PEERS.items() if peer.lossy},
@@ -537,8 +544,8 @@ def table_lines(rows: list[dict]) -> list[str]:
 
 
 def markdown(results: dict) -> str:
-    """The table: lossless rows first, then the lossy ones (fp8, caches) in a table of their own, so that no lossy
-    row sits beside the lossless ones it would seem to beat."""
+    """The table: lossless rows first, then the lossy ones (fp8, 8-bit attention, caches) in a table of their own, so
+    that no lossy row sits beside the lossless ones it would seem to beat."""
     settings = results["settings"]
     lossless = [r for r in results["rows"] if not r["lossy"]]
     lossy = [r for r in results["rows"] if r["lossy"]]
@@ -548,8 +555,8 @@ def markdown(results: dict) -> str:
     if lossless:
         lines += table_lines(lossless)
     if lossy:
-        lines += ["", "Lossy (these rows change the image: fp8 weights and activations, or steps skipped by a cache):",
-                  "", *table_lines(lossy)]
+        lines += ["", "Lossy (these rows change the image: fp8 weights and activations, 8-bit attention, or steps "
+                      "skipped by a cache):", "", *table_lines(lossy)]
     lines += ["", f"Median of {settings['runs']} timed run(s) after {settings['warmup']} warm-up run(s) (warm-up s: "
                   "all of these, compilation included); every configuration in its own process."]
     cached = [f"{r['config']} {r['cached_steps']} of {settings['steps']}" for r in results["rows"]
