@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -137,36 +138,52 @@ def already_written(path: str, metadata: dict) -> bool:
 
 def generate_many(pipe: Pipeline, jobs: list[Job], batch_size: int, max_sequence_length: int, output_dir: str,
                   metadata: dict, overwrite: bool = False) -> None:
-    """Every job, batch by batch, each image saved as soon as its batch is done; then a throughput line. A rerun
-    into the same folder skips the images already written for the same job (unless `overwrite`), so a killed run
-    loses only the batch in flight."""
+    """Every job, batch by batch, each image handed to a writer thread as soon as its batch is done; then a
+    throughput line. A rerun into the same folder skips the images already written for the same job (unless
+    `overwrite`), so a killed run loses only the work in flight: save_png's rename never leaves a cut-short PNG.
+
+    A batch's time is its generation: its PNGs are written while the next batch runs. The wait for the last writes
+    is added to the last batch, so "N images in T s" is the wall time from the first batch to the last file written.
+    A failed write stops the run at the end of the batch it overlapped; on any exception the images made so far are
+    still written before it goes on up."""
     path = lambda job: os.path.join(output_dir, f"{job.index:04d}-{job.seed}.png")  # noqa: E731
     todo = jobs if overwrite else [j for j in jobs if not already_written(path(j), job_metadata(j, metadata))]
     if len(todo) < len(jobs):
         print(f"{len(jobs) - len(todo)} of {len(jobs)} images are already in {output_dir}: skipped (--overwrite "
               "makes them again)")
-    done = []  # (shape, images, seconds) per batch
-    for batch in tqdm(batches(todo, batch_size), desc="prompts", unit="batch"):
-        t0, first = time.perf_counter(), batch[0]
-        if hasattr(pipe.transformer, "loras"):  # the batch's LoRAs, in place of the last batch's
-            pipe.transformer.loras.apply(first.lora)
-        req = Request([j.prompt for j in batch], [j.prompt_2 for j in batch], first.height, first.width, first.steps,
-                      first.guidance, [j.seed for j in batch], max_sequence_length)
-        try:
-            images = generate(pipe, req, Timer(pipe.device))
-        except (MemoryError, RuntimeError) as e:  # out of memory: this batch's size, not the flags'
-            raise as_user_error(e, len(batch), first.height, first.width) from e
-        if images is None:  # a rank other than 0 of a context-parallel run: rank 0 saves
-            continue
-        os.makedirs(output_dir, exist_ok=True)  # with the first image: a run that fails before leaves no folder
-        for job, image in zip(batch, images, strict=True):
-            save_png(image, path(job), job_metadata(job, metadata))
-        shape = (len(batch), first.height, first.width, pipe.seen["t5_tokens"])
-        if all(shape != d[0] for d in done):
-            tqdm.write(f"{first.width}x{first.height}, batch {len(batch)}, {shape[3]} T5 tokens: first batch in "
-                       f"{time.perf_counter() - t0:.1f}s")
-        done.append((shape, len(batch), time.perf_counter() - t0))
-    if done:
+    done, writes = [], []  # (shape, images, seconds) per batch; the writes not yet checked, oldest first
+    # PNG encoding (~0.2 s per 1024² image) runs on a writer thread: zlib releases the GIL, so the GPU starts the
+    # next batch meanwhile. Leaving the with block waits for every write, also when an exception is on its way out.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for batch in tqdm(batches(todo, batch_size), desc="prompts", unit="batch"):
+            t0, first = time.perf_counter(), batch[0]
+            if hasattr(pipe.transformer, "loras"):  # the batch's LoRAs, in place of the last batch's
+                pipe.transformer.loras.apply(first.lora)
+            req = Request([j.prompt for j in batch], [j.prompt_2 for j in batch], first.height, first.width,
+                          first.steps, first.guidance, [j.seed for j in batch], max_sequence_length)
+            try:
+                images = generate(pipe, req, Timer(pipe.device))
+            except (MemoryError, RuntimeError) as e:  # out of memory: this batch's size, not the flags'
+                raise as_user_error(e, len(batch), first.height, first.width) from e
+            if images is None:  # a rank other than 0 of a context-parallel run: rank 0 saves
+                continue
+            os.makedirs(output_dir, exist_ok=True)  # with the first image: a run that fails before leaves no folder
+            # generate returns new arrays each batch (decode's .numpy() of a new tensor): nothing changes them later.
+            writes += [writer.submit(save_png, image, path(job), job_metadata(job, metadata))
+                       for job, image in zip(batch, images, strict=True)]
+            while writes and writes[0].done():  # a failed write (a full disk) stops the run here, not at the end
+                writes.pop(0).result()
+            shape = (len(batch), first.height, first.width, pipe.seen["t5_tokens"])
+            if all(shape != d[0] for d in done):
+                tqdm.write(f"{first.width}x{first.height}, batch {len(batch)}, {shape[3]} T5 tokens: first batch in "
+                           f"{time.perf_counter() - t0:.1f}s")
+            done.append((shape, len(batch), time.perf_counter() - t0))
+        waited_from = time.perf_counter()
+    for write in writes:  # all finished: the with block waited for them
+        write.result()
+    if done:  # the last batch carries the wait for the last writes: the total is wall time to the last file
+        shape, count, seconds = done[-1]
+        done[-1] = (shape, count, seconds + time.perf_counter() - waited_from)
         print(f"{throughput(done)}; written to {output_dir}")
 
 
