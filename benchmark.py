@@ -25,6 +25,8 @@ Rows (--configs takes a comma-separated list; all of them by default, in this or
                                   first and last block kept in bf16; % of roofline is against the bf16 matmul rate
   opt-fp8-unfused                 opt-fp8 without its one-pass Triton kernels before each fp8 matmul
                                   (--no-fp8-fused-quant: inductor's fusion of the same ops), for the A/B
+  opt-fp8-split                   opt-fp8 with split reductions (--no-fp8-unsplit-reductions): unsplit paid for
+                                  inductor's per-token quantization (run 13), which the fused kernels now do
   opt-attn8, opt-fp8-attn8        8-bit attention (--attention cudnn-fp8; Hopper, nvidia-cudnn-frontend) with bf16
                                   and with fp8 linear layers; opt-fp8-attn8-split: the latter with split reductions
                                   (--no-fp8-unsplit-reductions), so that k's and v's column statistics split
@@ -170,6 +172,8 @@ ROWS = {
                          lossy=True),
     "opt-fp8-unfused": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8", "--no-fp8-fused-quant"),
                            lossy=True),
+    "opt-fp8-split": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8",
+                                                    "--no-fp8-unsplit-reductions"), lossy=True),
     # 8-bit attention (opt-in, lossy; Hopper, attention_fp8.py), with bf16 and with fp8 linear layers.
     "opt-attn8": Row("optimized_inference.py", ("--no-text-buckets", "--attention", "cudnn-fp8"), lossy=True),
     "opt-fp8-attn8": Row("optimized_inference.py",
