@@ -1144,20 +1144,16 @@ def step_function(pipe: Pipeline, x: torch.Tensor, dt: torch.Tensor, cond: dict)
             fn = torch.compile(fn, fullgraph=True, dynamic=opts.dynamic_shapes, options=compile_options(opts))
             pipe.seen["whole_step_compiled"] = True
         args = (x, dt, cond) if opts.euler_in_graph else (x, cond)
-        stats, inductor = torch._dynamo.utils.counters["stats"], torch._dynamo.utils.counters["inductor"]
-        saved = getattr(pipe.transformer, "precompiled", ())  # precompile.py: the blocks' graphs saved whole
-        t0, graphs, cached = time.perf_counter(), stats["unique_graphs"], inductor["fxgraph_cache_hit"]
-        precompiled = sum(kind.compiled for kind in saved)
+        counters = torch._dynamo.utils.counters
+        t0, graphs, cached = time.perf_counter(), counters["stats"]["unique_graphs"], counters["inductor"][
+            "fxgraph_cache_hit"]
         pipe.steps[key] = CUDAGraphStep(fn, *args) if opts.cuda_graphs else fn
         if opts.cuda_graphs:  # warm-up and capture ran just now (without graphs, compilation waits for step 1)
             sync(pipe.device)
-            graphs, cached = stats["unique_graphs"] - graphs, inductor["fxgraph_cache_hit"] - cached
-            precompiled = sum(kind.compiled for kind in saved) - precompiled
-            traced = f"{graphs} graphs traced ({cached} from the compile cache), " if graphs else ""
-            if saved:
-                traced = f"{graphs} graphs traced ({precompiled} precompiled and saved), " if graphs else \
-                    f"nothing traced ({sum(kind.loaded for kind in saved)} precompiled graphs loaded), "
-            print(f"step for latents {tuple(x.shape)}, text {tuple(cond['txt'].shape)}: {traced}"
+            graphs = counters["stats"]["unique_graphs"] - graphs
+            cached = counters["inductor"]["fxgraph_cache_hit"] - cached
+            print(f"step for latents {tuple(x.shape)}, text {tuple(cond['txt'].shape)}: "
+                  f"{f'{graphs} graphs traced ({cached} from the compile cache), ' if graphs else ''}"
                   f"captured as a CUDA graph in {time.perf_counter() - t0:.1f}s")
     return pipe.steps[key]
 
