@@ -14,8 +14,7 @@ Rows (--configs takes a comma-separated list; all of them by default, in this or
   diffusers-fused-cudnn-compile   + fused q/k/v projections, cuDNN attention and a channels_last VAE, then compile
   reference                       single_file_inference.py
   opt-bf16                        optimized_inference.py with every optimization off except bf16 RoPE (and
-                                  regional compilation and fp8's unsplit reductions and fused quant, which need
-                                  compile or fp8)
+                                  regional compilation and fp8's fused quant, which need compile or fp8)
   opt+fused-qkv .. opt+attention  the ladder: each rung switches on one more optimization (see LADDER); the last
                                   rung is the whole optimized script at the same T5 length as every row above
   opt-text128 .. opt-text512      the whole optimized script at a fixed T5 length of 128 .. 512 tokens (a bucket)
@@ -25,11 +24,8 @@ Rows (--configs takes a comma-separated list; all of them by default, in this or
                                   first and last block kept in bf16; % of roofline is against the bf16 matmul rate
   opt-fp8-unfused                 opt-fp8 without its one-pass Triton kernels before each fp8 matmul
                                   (--no-fp8-fused-quant: inductor's fusion of the same ops), for the A/B
-  opt-fp8-split                   opt-fp8 with split reductions (--no-fp8-unsplit-reductions): unsplit paid for
-                                  inductor's per-token quantization (run 13), which the fused kernels now do
   opt-attn8, opt-fp8-attn8        8-bit attention (--attention cudnn-fp8; Hopper, nvidia-cudnn-frontend) with bf16
-                                  and with fp8 linear layers; opt-fp8-attn8-split: the latter with split reductions
-                                  (--no-fp8-unsplit-reductions), so that k's and v's column statistics split
+                                  and with fp8 linear layers
   xdit, para-attn, cache-dit      the peers, each set up as its documentation sets up FLUX.1-dev on one GPU, on the
                                   diffusers rows' pipeline and timed the same way (peers.py; optional packages,
                                   requirements-peers.txt); a peer not installed is a failed row
@@ -172,14 +168,10 @@ ROWS = {
                          lossy=True),
     "opt-fp8-unfused": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8", "--no-fp8-fused-quant"),
                            lossy=True),
-    "opt-fp8-split": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8",
-                                                    "--no-fp8-unsplit-reductions"), lossy=True),
     # 8-bit attention (opt-in, lossy; Hopper, attention_fp8.py), with bf16 and with fp8 linear layers.
     "opt-attn8": Row("optimized_inference.py", ("--no-text-buckets", "--attention", "cudnn-fp8"), lossy=True),
     "opt-fp8-attn8": Row("optimized_inference.py",
                          ("--no-text-buckets", "--quantize", "fp8", "--attention", "cudnn-fp8"), lossy=True),
-    "opt-fp8-attn8-split": Row("optimized_inference.py", ("--no-text-buckets", "--quantize", "fp8", "--attention",
-                                                          "cudnn-fp8", "--no-fp8-unsplit-reductions"), lossy=True),
     # The peers' caches, next to our fp8 rows.
     **{name: Row(SCRIPT, ("--worker", name), lossy=True, package=peer.package)
        for name, peer in peers.PEERS.items() if peer.lossy},

@@ -161,8 +161,6 @@ class Options:
     dynamic_shapes: bool = optimization(
         "compiled once for every size, T5 length and batch above 1 (`compile_blocks`); each shape captures its graph",
         "a new resolution costs a CUDA graph capture, ~1 s, instead of a compile")
-    fp8_unsplit_reductions: bool = optimization("with --quantize fp8: no split reductions (`compile_options`)",
-                                                "each per-token amax fuses with its cast: -83 ms (run 13)")
     fp8_fused_quant: bool = optimization(
         "with --quantize fp8: one Triton pass per row before each fp8 matmul: LayerNorm + modulate (and the residual "
         "add before it) or GELU, then the per-token amax and e4m3 cast (`fp8.use_fused_quant_`)",
@@ -945,15 +943,13 @@ def quiet_compile_warnings() -> None:
 
 
 def compile_options(opts: Options) -> dict:
-    """Inductor options for the transformer's graphs (not the VAE's).
+    """Inductor options for the transformer's graphs (not the VAE's): none unless asked for.
 
-    fp8: each matmul's input needs its per-token amax first; inductor splits that reduction over the 15360-wide MLP
-    rows into a kernel of its own, then reads the rows again to cast them; unsplit, amax and cast fuse into one.
     --inductor-tuning (opt-in: minutes more compile for 1-2%, runs 12 and 19): coordinate descent tunes inductor's
     own kernels; max_autotune_gemm times Triton matmul templates against cuBLAS at every GEMM shape. Not for the VAE:
     its convolutions alone autotuned for over 3 minutes (run 11), for 1% of the image's time.
     """
-    options = {"split_reductions": False} if opts.quantize == "fp8" and opts.fp8_unsplit_reductions else {}
+    options = {}
     if opts.inductor_tuning:
         options |= {"coordinate_descent_tuning": True, "max_autotune_gemm": True}
         if torch.cuda.get_device_capability()[0] >= 9:

@@ -26,8 +26,7 @@ def test_ladder_adds_one_optimization_per_rung():
         args = oi.build_parser().parse_args(["--prompt", "x", *benchmark.ROWS[row].flags])
         return {f.name for f in oi.OPTIMIZATIONS if getattr(args, f.name) not in (False, "sdpa")}
 
-    assert options("opt-bf16") == {"bf16_rope", "regional_compile", "dynamic_shapes", "fp8_unsplit_reductions",
-                                   "fp8_fused_quant"}
+    assert options("opt-bf16") == {"bf16_rope", "regional_compile", "dynamic_shapes", "fp8_fused_quant"}
     rungs = [name for name in benchmark.ROWS if name == "opt-bf16" or name.startswith("opt+")]
     for lower, upper in zip(rungs, rungs[1:]):
         assert options(lower) < options(upper), (lower, upper)

@@ -80,17 +80,15 @@ def test_regional_compile_shares_one_graph_per_block_kind(tiny):
 
 
 def test_compile_options_per_mode(tiny):
-    """The transformer's inductor options: none by default, unsplit reductions for fp8 (unless switched off); the
-    evidence line names what the blocks were compiled with."""
-    assert opt.compile_options(opt.Options()) == {}
-    fp8_opts = opt.Options(quantize="fp8")
-    assert opt.compile_options(fp8_opts) == {"split_reductions": False}
-    assert opt.compile_options(dataclasses.replace(fp8_opts, fp8_unsplit_reductions=False)) == {}
-    assert set(opt.compile_options(fp8_opts)) <= set(torch._inductor.config.get_config_copy())
+    """The transformer's inductor options: none by default, fp8 included (split reductions measured as fast as
+    unsplit once the fused kernels quantize the rows, and faster with 8-bit attention: run 38); the evidence line
+    names what the blocks were compiled with."""
+    assert opt.compile_options(opt.Options()) == {} and opt.compile_options(opt.Options(quantize="fp8")) == {}
     assert "compile=off," in opt.describe(tiny)
     model = copy.deepcopy(tiny.transformer)
-    opt.compile_blocks(model, opt.compile_options(fp8_opts))
-    assert "compile=4 blocks (split_reductions=False)," in opt.describe(dataclasses.replace(tiny, transformer=model))
+    opt.compile_blocks(model, {"coordinate_descent_tuning": True})
+    assert "compile=4 blocks (coordinate_descent_tuning=True)," in opt.describe(
+        dataclasses.replace(tiny, transformer=model))
 
 
 def test_vae_upsampler_warning_is_silenced(recwarn):

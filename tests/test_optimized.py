@@ -39,9 +39,9 @@ TINY = dict(TINY_DIMS, scheduler=sfi.FLUX_DEV_SCHEDULER)
 N_FUSED = 2 * TINY["num_layers"] + TINY["num_single_layers"]  # to_qkv + to_added_qkv per double, to_qkv_mlp per single
 
 # All on (as far as a CPU allows), each one off, all off. Compilation and CUDA graphs need CUDA (tests/test_compile.py
-# compiles on the CPU); regional compilation and fp8's unsplit reductions only change how the compiler is asked.
+# compiles on the CPU); regional compilation only changes how the compiler is asked.
 CPU_BASE = oi.Options(attention="sdpa", compile=False, cuda_graphs=False)
-NOT_ON_CPU = ("compile", "cuda_graphs", "regional_compile", "fp8_unsplit_reductions")
+NOT_ON_CPU = ("compile", "cuda_graphs", "regional_compile")
 TOGGLES = [f.name for f in oi.OPTIMIZATIONS if f.default is True and f.name not in NOT_ON_CPU]
 VARIANTS = {"all-on": CPU_BASE,
             **{f"no-{name}": dataclasses.replace(CPU_BASE, **{name: False}) for name in TOGGLES},

@@ -24,8 +24,8 @@ def test_every_peer_row_runs_a_peer_and_every_lossy_row_sits_with_our_fp8_ones()
         assert benchmark.ROWS[name] == benchmark.Row(benchmark.SCRIPT, ("--worker", name), lossy=peer.lossy,
                                                      package=peer.package)
     lossy = [name for name in names if benchmark.ROWS[name].lossy]
-    assert lossy == ["opt-fp8", "opt-fp8-keep1", "opt-fp8-unfused", "opt-fp8-split", "opt-attn8", "opt-fp8-attn8",
-                     "opt-fp8-attn8-split", "para-attn-fbcache", "cache-dit-dbcache"]
+    assert lossy == ["opt-fp8", "opt-fp8-keep1", "opt-fp8-unfused", "opt-attn8", "opt-fp8-attn8",
+                     "para-attn-fbcache", "cache-dit-dbcache"]
     assert names[-len(lossy):] == lossy  # the lossy rows come last, together
 
 
