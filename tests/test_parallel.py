@@ -1,8 +1,8 @@
 """Context parallelism (optimized_inference.py under torchrun) on the CPU: 2 processes talking over gloo.
 
 Splitting an image's tokens across processes must not change the numbers: the velocity, the sampled latents and the
-image equal the single-process ones. The model-level checks run in processes started by torch.multiprocessing.spawn
-(real processes, a real process group); the CLI runs exactly as a user launches it, under torchrun.
+image equal the single-process ones. The model-level checks run in processes forked by torch.multiprocessing (real
+processes, a real process group); the CLI runs exactly as a user launches it, under torchrun.
 """
 
 import dataclasses
@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -53,6 +54,7 @@ def make_inputs():
 def context_parallel_worker(rank: int, store: str, out_dir: str) -> None:
     """One of WORLD processes: the single-process results and the context-parallel ones, saved for the test."""
     torch.set_num_threads(1)
+    torch._dynamo.reset()  # forked: drops what earlier tests compiled, so the step compiles as in a new process
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     group, results = dist.group.WORLD, {}
     try:
@@ -101,8 +103,17 @@ def context_parallel_worker(rank: int, store: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def parallel_results(tmp_path_factory):
+    """The workers forked from this process, which has torch and dynamo imported already: spawned, each would import
+    them again (5.5 s instead of 12 s for the two). A fork that hangs fails the test instead of the whole run."""
     out = tmp_path_factory.mktemp("context_parallel")
-    mp.spawn(context_parallel_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
+    workers = mp.start_processes(context_parallel_worker, args=(str(out / "store"), str(out)), nprocs=WORLD,
+                                 join=False, start_method="fork")
+    deadline = time.monotonic() + 300
+    while not workers.join(timeout=max(deadline - time.monotonic(), 0)):
+        if time.monotonic() >= deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the context-parallel workers did not finish in 300 s")
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
