@@ -2,15 +2,17 @@
 per job, so every job starts from the state a fresh process has after those imports, without paying for them again
 (torch, diffusers and a pipeline's model classes take 5-8 s to import, the jobs themselves a few seconds).
 
-    results = run_forked("import torch, benchmark", {"a": ("print(1)", [])}, cwd=REPO_ROOT)
-    results["a"].returncode, results["a"].stdout
+    with Forkserver("import torch, benchmark", cwd=REPO_ROOT) as server:
+        run = server.run("a", "print(1)", ["-c"])  # run.returncode, run.stdout, run.stderr
 
 Children run one after another, never at the same time. The prelude should import and set up only (no tensor op, no
-progress bar): then no thread of the parent is busy at a fork, holding a lock the child would wait on forever.
+progress bar, no compile): then no thread of the parent is busy at a fork, holding a lock the child would wait on
+forever, and each child's dynamo has traced nothing, as in a new process.
 """
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,34 +20,56 @@ import tempfile
 import traceback
 
 
-def run_forked(prelude: str, jobs: dict[str, tuple[str, list[str]]], cwd: str, env: dict | None = None,
-               timeout: int = 300) -> dict[str, subprocess.CompletedProcess]:
-    """`prelude` in a new Python process, then each job's code (with its sys.argv) in a child forked from it. A job
-    that runs past `timeout` seconds is killed (SIGALRM); the exit status and output of each job, by name."""
-    with tempfile.TemporaryDirectory(prefix="forked-") as out:
-        spec = {"prelude": prelude, "jobs": jobs, "timeout": timeout, "out": out}
-        proc = subprocess.run([sys.executable, "-m", "tests.forked"], input=json.dumps(spec), cwd=cwd,
-                              env=env, capture_output=True, text=True, timeout=timeout * (len(jobs) + 1))
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        with open(os.path.join(out, "status.json")) as f:
-            status = json.load(f)
-        results = {}
-        for name in jobs:
-            with open(os.path.join(out, f"{name}.out")) as o, open(os.path.join(out, f"{name}.err")) as e:
-                results[name] = subprocess.CompletedProcess([name], status[name], o.read(), e.read())
-        return results
+class Forkserver:
+    """`prelude` run in a new Python process, which then runs each job sent to it in a child forked from it."""
+
+    def __init__(self, prelude: str, cwd: str, env: dict | None = None):
+        self.dir = tempfile.mkdtemp(prefix="forkserver-")
+        self.jobs = 0
+        with open(os.path.join(self.dir, "server.err"), "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "tests.forked"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, cwd=cwd, env=env, text=True)
+        self.request(prelude)
+
+    def request(self, message) -> str:
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline()
+        if not reply:
+            with open(os.path.join(self.dir, "server.err")) as f:
+                raise RuntimeError(f"the fork server exited: {f.read()[-3000:]}")
+        return json.loads(reply)
+
+    def run(self, name: str, code: str, argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+        """`code` with `argv` as sys.argv in a child; killed (SIGALRM) after `timeout` s. Its exit status and output."""
+        self.jobs += 1
+        stem = os.path.join(self.dir, str(self.jobs))
+        status = self.request({"code": code, "argv": argv, "name": name, "stem": stem, "timeout": timeout})
+        with open(f"{stem}.out") as out, open(f"{stem}.err") as err:
+            return subprocess.CompletedProcess([name, *argv], status, out.read(), err.read())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
-def run_job(code: str, argv: list[str], namespace: dict, out: str, name: str, timeout: int) -> None:
+def run_job(job: dict, namespace: dict) -> None:
     """In the forked child: the job with its output in files, then the child's exit, skipping the parent's cleanup
     (os._exit: an exception or SystemExit sets the status, as in a process of its own)."""
     status = 1
     try:
         for fd, suffix in ((1, "out"), (2, "err")):
-            os.dup2(os.open(os.path.join(out, f"{name}.{suffix}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        signal.alarm(timeout)
-        sys.argv = argv
-        exec(compile(code, f"<{name}>", "exec"), dict(namespace))
+            os.dup2(os.open(f"{job['stem']}.{suffix}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        signal.alarm(job["timeout"])
+        sys.argv = job["argv"]
+        exec(compile(job["code"], f"<{job['name']}>", "exec"), dict(namespace))
         status = 0
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else int(e.code is not None)
@@ -57,21 +81,23 @@ def run_job(code: str, argv: list[str], namespace: dict, out: str, name: str, ti
         os._exit(status)
 
 
-def main() -> None:
-    spec = json.load(sys.stdin)
+def serve() -> None:
+    """Reads the prelude, then one job a line from stdin; answers each with a line on stdout (the prelude's and the
+    jobs' own prints go elsewhere: stderr, and the jobs' files)."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     namespace = {"__name__": "__main__"}
-    exec(compile(spec["prelude"], "<prelude>", "exec"), namespace)
-    status = {}
-    for name, (code, argv) in spec["jobs"].items():
+    exec(compile(json.loads(sys.stdin.readline()), "<prelude>", "exec"), namespace)
+    print(json.dumps("ready"), file=replies, flush=True)
+    for line in sys.stdin:
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            run_job(code, argv, namespace, spec["out"], name, spec["timeout"])
-        status[name] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    with open(os.path.join(spec["out"], "status.json"), "w") as f:
-        json.dump(status, f)
+            run_job(json.loads(line), namespace)
+        print(json.dumps(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])), file=replies, flush=True)
+    os._exit(0)  # nothing to clean up: without it, unloading torch and diffusers takes 1.5 s
 
 
 if __name__ == "__main__":
-    main()
+    serve()

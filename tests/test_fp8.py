@@ -27,7 +27,7 @@ from torch._dynamo.utils import counters
 import fp8
 import optimized_inference as oi
 from benchmark import cuda_seconds
-from tests.forked import run_forked
+from tests.forked import Forkserver
 from tests.helpers import REPO_ROOT, TINY, rel_err
 
 PROMPT = "A photo of a cat sitting on a red chair in the warm morning light"
@@ -393,9 +393,9 @@ def interpreted() -> dict:
     exact), forked from one that imported this module once (tests/forked.py): the interpreter must be on before triton
     is first imported (inductor may have imported it in this one), or triton.language's own functions are compiled
     ones, which the interpreter cannot call."""
-    return run_forked("import tests.test_fp8 as t\nt.exact_interpreter_casts()",
-                      {name: (call, ["-c"]) for name, call in INTERPRETED.items()}, cwd=REPO_ROOT,
-                      env={**os.environ, "TRITON_INTERPRET": "1"})
+    with Forkserver("import tests.test_fp8 as t\nt.exact_interpreter_casts()", cwd=REPO_ROOT,
+                    env={**os.environ, "TRITON_INTERPRET": "1"}) as server:
+        return {name: server.run(name, call, ["-c"]) for name, call in INTERPRETED.items()}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -12,7 +12,6 @@ import torch
 
 import benchmark
 import peers
-from tests.forked import run_forked
 
 # torch.compile stubbed out: on the CPU each peer's compile of even the tiny model takes one to two minutes (measured:
 # cache-dit 62 s, para-attn 121 s for the row), which the GPU run pays for; the setup around it is what runs here.
@@ -72,16 +71,6 @@ def test_lossy_rows_are_labeled_and_a_missing_peer_is_a_failed_row(tiny_pipeline
     assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
 
 
-# What every job below imports before its peer's code (the model classes too, which from_pretrained imports): done once,
-# each job then runs in a process forked from that one (tests/forked.py), as if in a process of its own (the peers
-# patch diffusers' classes, so no two share one).
-PRELUDE = f"""{EAGER}
-import sys, torch, benchmark, peers
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-from single_file_inference import Timer
-"""
-
 # Diffusers' latents, then the same pipeline's after the peer's setup; the seeds and request are the --smoke ones.
 LOSSLESS = """
 args = benchmark.parse_args(["--smoke", "--model", sys.argv[1]])
@@ -116,9 +105,10 @@ for _ in range(2):
 
 
 @pytest.fixture(scope="module")
-def peer_jobs(tiny_pipeline_dir, tmp_path_factory):
-    """The jobs of the tests below whose peer is installed, run once: {name: exit status and output}, and the folder
-    of the row's timings.json."""
+def peer_jobs(forkserver, tiny_pipeline_dir, tmp_path_factory):
+    """The jobs of the tests below whose peer is installed, each in a process of its own (the peers patch diffusers'
+    classes), forked from one that has imported torch, diffusers and benchmark.py (conftest.forkserver), with
+    torch.compile stubbed out first: {name: exit status and output}, and the folder of the row's timings.json."""
     row_dir = tmp_path_factory.mktemp("peer_row")
     args = benchmark.parse_args(["--smoke", "--model", tiny_pipeline_dir, "--out-dir", str(row_dir)])
     cmd = benchmark.row_command(benchmark.ROWS["cache-dit-dbcache"], args, str(row_dir))
@@ -129,7 +119,8 @@ def peer_jobs(tiny_pipeline_dir, tmp_path_factory):
     if importlib.util.find_spec("cache_dit"):
         jobs["row"] = (ROW, ["-c", *cmd[1:]])
         jobs["cached"] = (CACHED, ["-c", tiny_pipeline_dir])
-    return run_forked(PRELUDE, jobs, cwd=benchmark.REPO_DIR, timeout=120), row_dir
+    return {name: forkserver.run(name, f"{EAGER}\n{code}", argv, timeout=120)
+            for name, (code, argv) in jobs.items()}, row_dir
 
 
 @pytest.mark.parametrize("name", ["para-attn", "cache-dit"])
