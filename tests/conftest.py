@@ -41,8 +41,9 @@ def restore_dynamo_settings():
     fx_config.use_duck_shape, config.specialize_float, config.enable_aot_compile = saved
 
 
-# What the jobs of tests/test_peers.py and the warm start of tests/test_precompile.py import first: the tiny pipeline's
-# model classes (which from_pretrained and load_pipeline import) and inductor (which loads saved graphs).
+# What the peers' jobs (test_peers.py), the context-parallel workers (test_parallel.py) and the warm start
+# (test_precompile.py) import first: the tiny pipeline's model classes (which from_pretrained and load_pipeline import)
+# and inductor (which loads saved graphs).
 FORKSERVER_PRELUDE = """
 import json, sys, torch, torch._inductor.compile_fx
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel

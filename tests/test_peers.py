@@ -107,8 +107,8 @@ for _ in range(2):
 @pytest.fixture(scope="module")
 def peer_jobs(forkserver, tiny_pipeline_dir, tmp_path_factory):
     """The jobs of the tests below whose peer is installed, each in a process of its own (the peers patch diffusers'
-    classes), forked from one that has imported torch, diffusers and benchmark.py (conftest.forkserver), with
-    torch.compile stubbed out first: {name: exit status and output}, and the folder of the row's timings.json."""
+    classes) forked from one that has imported torch, diffusers and benchmark.py (conftest.forkserver), each job
+    stubbing torch.compile out before anything else: {name: exit status and output}, and the row's timings folder."""
     row_dir = tmp_path_factory.mktemp("peer_row")
     args = benchmark.parse_args(["--smoke", "--model", tiny_pipeline_dir, "--out-dir", str(row_dir)])
     cmd = benchmark.row_command(benchmark.ROWS["cache-dit-dbcache"], args, str(row_dir))
