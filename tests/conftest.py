@@ -14,6 +14,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from tests.forked import Forkserver  # noqa: E402
 from tiny_pipeline import make_tiny_pipeline  # noqa: E402  (needs the sys.path entry above)
 
 
@@ -38,6 +39,26 @@ def restore_dynamo_settings():
     saved = fx_config.use_duck_shape, config.specialize_float, config.enable_aot_compile
     yield
     fx_config.use_duck_shape, config.specialize_float, config.enable_aot_compile = saved
+
+
+# What the peers' jobs (test_peers.py), the context-parallel workers (test_parallel.py) and the warm start
+# (test_precompile.py) import first: the tiny pipeline's model classes (which from_pretrained and load_pipeline import)
+# and inductor (which loads saved graphs).
+FORKSERVER_PRELUDE = """
+import json, sys, torch, torch._inductor.compile_fx
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+import benchmark, optimized_inference, peers, precompile, prompts_file, single_file_inference
+from single_file_inference import Timer
+"""
+
+
+@pytest.fixture(scope="session")
+def forkserver():
+    """Runs a job in a process of its own, forked from one that has imported FORKSERVER_PRELUDE once and run nothing
+    else (tests/forked.py): each job starts as a new process would after those imports, 5-8 s sooner."""
+    with Forkserver(FORKSERVER_PRELUDE, cwd=REPO_ROOT) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

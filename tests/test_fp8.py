@@ -13,8 +13,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -29,6 +27,7 @@ from torch._dynamo.utils import counters
 import fp8
 import optimized_inference as oi
 from benchmark import cuda_seconds
+from tests.forked import Forkserver
 from tests.helpers import REPO_ROOT, TINY, rel_err
 
 PROMPT = "A photo of a cat sitting on a red chair in the warm morning light"
@@ -385,24 +384,29 @@ def exact_interpreter_casts() -> None:
     interpreter._convert_float = exact
 
 
-def run_interpreted(call: str) -> None:
-    """`call` from this module in a process of its own with Triton's interpreter on (its casts exact): the interpreter
-    must be on before triton is first imported (inductor may have imported it in this one), or triton.language's own
-    functions are compiled ones, which the interpreter cannot call."""
-    child = subprocess.run([sys.executable, "-c", f"import tests.test_fp8 as t; t.exact_interpreter_casts(); t.{call}"],
-                           env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=REPO_ROOT, capture_output=True, text=True)
-    assert child.returncode == 0, child.stderr[-3000:]
+INTERPRETED = {"kernels": "t.check_triton_kernels('cpu')", "compiled": "t.compiled_with_kernels()"}
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    """Each call of INTERPRETED from this module in a process of its own with Triton's interpreter on (its casts
+    exact), forked from one that imported this module once (tests/forked.py): the interpreter must be on before triton
+    is first imported (inductor may have imported it in this one), or triton.language's own functions are compiled
+    ones, which the interpreter cannot call."""
+    with Forkserver("import tests.test_fp8 as t\nt.exact_interpreter_casts()", cwd=REPO_ROOT,
+                    env={**os.environ, "TRITON_INTERPRET": "1"}) as server:
+        return {name: server.run(name, call, ["-c"]) for name, call in INTERPRETED.items()}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_triton_kernels_in_the_interpreter():
-    run_interpreted("check_triton_kernels('cpu')")
+def test_triton_kernels_in_the_interpreter(interpreted):
+    assert interpreted["kernels"].returncode == 0, interpreted["kernels"].stderr[-3000:]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_compiled_ops_launch_the_kernels_in_the_interpreter():
+def test_compiled_ops_launch_the_kernels_in_the_interpreter(interpreted):
     """What run 31 failed at on the H200 (a compiled block calling the kernels, dynamic shapes), on the CPU."""
-    run_interpreted("compiled_with_kernels()")
+    assert interpreted["compiled"].returncode == 0, interpreted["compiled"].stderr[-3000:]
 
 
 def all_fused(x, gate, y, shift, scale, a, h):

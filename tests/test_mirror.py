@@ -3,6 +3,7 @@ schedule, loading, tokenizers, timing, PNG writing, ...) must stay the same sour
 cannot skip the other; what differs is the list of optimizations."""
 
 import ast
+import io
 import os
 
 import pytest
@@ -25,6 +26,9 @@ def top_level_sources(script: str) -> dict[str, str]:
     """{name: source} of every top-level function, class and assignment of a script."""
     with open(os.path.join(REPO_ROOT, script)) as f:
         source = f.read()
+    # ast.get_source_segment splits its whole source into lines on every call (3 s for the two scripts' ~300
+    # definitions): it gets just the node's lines, split as it splits them (on \n, \r\n and \r only).
+    lines = io.StringIO(source, newline="").readlines()
     out = {}
     for node in ast.parse(source).body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
@@ -33,8 +37,11 @@ def top_level_sources(script: str) -> dict[str, str]:
             names = [t.id for t in node.targets if isinstance(t, ast.Name)]
         else:
             continue
+        first = node.lineno
+        node.lineno, node.end_lineno = 1, node.end_lineno - first + 1
+        segment = ast.get_source_segment("".join(lines[first - 1:first - 1 + node.end_lineno]), node)
         for name in names:
-            out[name] = ast.get_source_segment(source, node)
+            out[name] = segment
     return out
 
 

@@ -2,9 +2,9 @@
 bit for bit diffusers' latents, and a CPU smoke run of a peer row (ParaAttention and cache-dit run on the CPU; xDiT
 needs triton and a GPU)."""
 
+import importlib.util
 import json
 import math
-import subprocess
 import sys
 
 import pytest
@@ -71,17 +71,8 @@ def test_lossy_rows_are_labeled_and_a_missing_peer_is_a_failed_row(tiny_pipeline
     assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
 
 
-def run_eager(code: str, *argv: str) -> subprocess.CompletedProcess:
-    """Python code in a process of its own (the peers patch diffusers' classes), torch.compile stubbed out."""
-    return subprocess.run([sys.executable, "-c", f"{EAGER}\n{code}", *argv], cwd=benchmark.REPO_DIR,
-                          capture_output=True, text=True, timeout=120)
-
-
 # Diffusers' latents, then the same pipeline's after the peer's setup; the seeds and request are the --smoke ones.
 LOSSLESS = """
-import sys, torch, benchmark, peers
-from diffusers import FluxPipeline
-from single_file_inference import Timer
 args = benchmark.parse_args(["--smoke", "--model", sys.argv[1]])
 pipe = FluxPipeline.from_pretrained(args.model)
 pipe.set_progress_bar_config(disable=True)
@@ -95,40 +86,11 @@ print("applied", getattr(pipe.transformer, "_is_parallelized", False)
       or all(block._compiled_call_impl is not None for block in blocks))
 """
 
-
-@pytest.mark.parametrize("name", ["para-attn", "cache-dit"])
-def test_a_lossless_peer_gives_diffusers_latents_on_the_cpu(name, tiny_pipeline_dir):
-    """Eager float32 on the tiny pipeline: the peer's setup (ParaAttention's mesh and attention mode with
-    peers.without_enable_gqa; cache-dit's compile settings) leaves diffusers' numbers bit for bit."""
-    pytest.importorskip(peers.PEERS[name].package.replace("-", "_"))
-    proc = run_eager(LOSSLESS, tiny_pipeline_dir, name)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "max abs difference 0.0\napplied True" in proc.stdout
-
-
-def test_a_peer_row_runs_on_the_cpu_tiny_pipeline(tiny_pipeline_dir, tmp_path):
-    """cache-dit-dbcache (cache-dit's row plus its cache) run as benchmark.py runs a row. para-attn-fbcache fails with
-    diffusers 0.42: ParaAttention 0.3.38's First Block Cache calls FLUX's single blocks without encoder_hidden_states,
-    an argument diffusers has since added; its row reports that error. xDiT needs a GPU (xfuser imports triton, and
-    its process group has no CPU backend)."""
-    row = benchmark.ROWS["cache-dit-dbcache"]
-    pytest.importorskip("cache_dit")
-    args = benchmark.parse_args(["--smoke", "--model", tiny_pipeline_dir, "--out-dir", str(tmp_path)])
-    cmd = benchmark.row_command(row, args, str(tmp_path))
-    proc = run_eager("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
-                     *cmd[1:])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    timings = json.loads((tmp_path / "timings.json").read_text())
-    assert len(timings["runs"]) == benchmark.SMOKE["runs"]
-    for stage in benchmark.STAGES:
-        assert 0 < timings[stage]["median"] < math.inf
-    assert timings["cached_steps"] == 0  # 2 steps, all inside DBCache's 8 warm-up steps
-
+# A row's command as benchmark.py runs it, its script as __main__.
+ROW = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 
 CACHED = """
-import sys, torch, benchmark, peers, cache_dit
-from diffusers import FluxPipeline
-from single_file_inference import Timer
+import cache_dit
 config = cache_dit.DBCacheConfig  # any change counts as small: every step after the warm-up may come from the cache
 cache_dit.DBCacheConfig = lambda **kwargs: config(**{**kwargs, "residual_diff_threshold": 1e9})
 args = benchmark.parse_args(["--smoke", "--model", sys.argv[1]])
@@ -142,11 +104,56 @@ for _ in range(2):
 """
 
 
-def test_a_cache_row_counts_the_steps_its_cache_served(tiny_pipeline_dir):
+@pytest.fixture(scope="module")
+def peer_jobs(forkserver, tiny_pipeline_dir, tmp_path_factory):
+    """The jobs of the tests below whose peer is installed, each in a process of its own (the peers patch diffusers'
+    classes) forked from one that has imported torch, diffusers and benchmark.py (conftest.forkserver), each job
+    stubbing torch.compile out before anything else: {name: exit status and output}, and the row's timings folder."""
+    row_dir = tmp_path_factory.mktemp("peer_row")
+    args = benchmark.parse_args(["--smoke", "--model", tiny_pipeline_dir, "--out-dir", str(row_dir)])
+    cmd = benchmark.row_command(benchmark.ROWS["cache-dit-dbcache"], args, str(row_dir))
+    jobs = {}
+    for name in ("para-attn", "cache-dit"):
+        if importlib.util.find_spec(peers.PEERS[name].package.replace("-", "_")):
+            jobs[f"lossless {name}"] = (LOSSLESS, ["-c", tiny_pipeline_dir, name])
+    if importlib.util.find_spec("cache_dit"):
+        jobs["row"] = (ROW, ["-c", *cmd[1:]])
+        jobs["cached"] = (CACHED, ["-c", tiny_pipeline_dir])
+    return {name: forkserver.run(name, f"{EAGER}\n{code}", argv, timeout=120)
+            for name, (code, argv) in jobs.items()}, row_dir
+
+
+@pytest.mark.parametrize("name", ["para-attn", "cache-dit"])
+def test_a_lossless_peer_gives_diffusers_latents_on_the_cpu(name, peer_jobs):
+    """Eager float32 on the tiny pipeline: the peer's setup (ParaAttention's mesh and attention mode with
+    peers.without_enable_gqa; cache-dit's compile settings) leaves diffusers' numbers bit for bit."""
+    pytest.importorskip(peers.PEERS[name].package.replace("-", "_"))
+    proc = peer_jobs[0][f"lossless {name}"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "max abs difference 0.0\napplied True" in proc.stdout
+
+
+def test_a_peer_row_runs_on_the_cpu_tiny_pipeline(peer_jobs):
+    """cache-dit-dbcache (cache-dit's row plus its cache) run as benchmark.py runs a row. para-attn-fbcache fails with
+    diffusers 0.42: ParaAttention 0.3.38's First Block Cache calls FLUX's single blocks without encoder_hidden_states,
+    an argument diffusers has since added; its row reports that error. xDiT needs a GPU (xfuser imports triton, and
+    its process group has no CPU backend)."""
+    pytest.importorskip("cache_dit")
+    results, row_dir = peer_jobs
+    proc = results["row"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    timings = json.loads((row_dir / "timings.json").read_text())
+    assert len(timings["runs"]) == benchmark.SMOKE["runs"]
+    for stage in benchmark.STAGES:
+        assert 0 < timings[stage]["median"] < math.inf
+    assert timings["cached_steps"] == 0  # 2 steps, all inside DBCache's 8 warm-up steps
+
+
+def test_a_cache_row_counts_the_steps_its_cache_served(peer_jobs):
     """What the report's "steps served from a cache" reads: with every change below the threshold, DBCache serves
     12 - 8 warm-up steps at most 3 in a row, so 3 steps of each request (the count is per request, not cumulative)."""
     pytest.importorskip("cache_dit")
-    proc = run_eager(CACHED, tiny_pipeline_dir)
+    proc = peer_jobs[0]["cached"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cached 3\ncached 3\n" in proc.stdout
 

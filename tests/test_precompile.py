@@ -2,8 +2,9 @@
 kind, traced once, and draw the eager model's images; a second process loads the graphs, traces nothing and draws
 the same images; a graph saved for anything else (another key, a damaged file) is never loaded.
 
-The first process runs here, the second in a subprocess, as a warm start runs: dynamo's counters and cache entries of
-that process, not flags, show that nothing was traced."""
+The first process runs here, the second in a process of its own, as a warm start runs: forked from one that has
+imported what it needs and run nothing else (conftest.forkserver; on the GPU, a new process). Dynamo's counters and
+cache entries of that process, not flags, show that nothing was traced."""
 
 import dataclasses
 import json
@@ -81,12 +82,18 @@ def test_three_sizes_compile_the_blocks_once_and_draw_the_eager_images(first_pro
         assert max_pixel_diff(read_png(root / "first" / f"{job.index:04d}-{job.seed}.png"), alone) <= 1
 
 
-def second_process(model_dir: str, root, *device_and_quantize: str) -> dict:
-    """draw() in a process of its own, with the graphs the first one saved; checks that it traced nothing and drew
-    the first process's images, pixel for pixel."""
-    script = "import json, sys; from tests.test_precompile import draw; print(json.dumps(draw(*sys.argv[1:])))"
-    run = subprocess.run([sys.executable, "-c", script, model_dir, str(root / "graphs"), str(root / "second"),
-                          *device_and_quantize], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+SECOND = "import json, sys; from tests.test_precompile import draw; print(json.dumps(draw(*sys.argv[1:])))"
+
+
+def second_process(model_dir: str, root, *device_and_quantize: str, forkserver=None) -> dict:
+    """draw() in a process of its own (a new one, or one forked by `forkserver`), with the graphs the first one
+    saved; checks that it traced nothing and drew the first process's images, pixel for pixel."""
+    args = [model_dir, str(root / "graphs"), str(root / "second"), *device_and_quantize]
+    if forkserver is None:
+        run = subprocess.run([sys.executable, "-c", SECOND, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=300)
+    else:
+        run = forkserver.run("second process", SECOND, ["-c", *args])
     assert run.returncode == 0, run.stderr
     second = json.loads(run.stdout.splitlines()[-1])
     assert second["traced"] == 0 and not second["tracing"] and second["dynamo entries"] == 0, second
@@ -98,8 +105,8 @@ def second_process(model_dir: str, root, *device_and_quantize: str) -> dict:
     return second
 
 
-def test_a_warm_process_loads_the_saved_graphs_and_traces_nothing(first_process, tiny_pipeline_dir):
-    second = second_process(tiny_pipeline_dir, first_process[0])
+def test_a_warm_process_loads_the_saved_graphs_and_traces_nothing(first_process, tiny_pipeline_dir, forkserver):
+    second = second_process(tiny_pipeline_dir, first_process[0], forkserver=forkserver)
     assert "compiled graphs=2 for 3 step shapes, precompiled graphs loaded/compiled=2/0" in second["describe"]
 
 
