@@ -949,11 +949,11 @@ def compile_options(opts: Options) -> dict:
     own kernels; max_autotune_gemm times Triton matmul templates against cuBLAS at every GEMM shape. Not for the VAE:
     its convolutions alone autotuned for over 3 minutes (run 11), for 1% of the image's time.
     """
-    options = {}
-    if opts.inductor_tuning:
-        options |= {"coordinate_descent_tuning": True, "max_autotune_gemm": True}
-        if torch.cuda.get_device_capability()[0] >= 9:
-            options["triton.enable_persistent_tma_matmul"] = True
+    if not opts.inductor_tuning:
+        return {}
+    options = {"coordinate_descent_tuning": True, "max_autotune_gemm": True}
+    if torch.cuda.get_device_capability()[0] >= 9:
+        options["triton.enable_persistent_tma_matmul"] = True
     return options
 
 
