@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
 # Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [ttfi] [offload] [fp8-error] [batch] [parallel]
-#        [mixed] [sweep] [vae] [startup] [attn8-tests] [attn8] [bench CONFIGS] [bench-old CONFIGS] [peers1] [peers2]
+#        [mixed] [sweep] [vae] [startup] [overlap] [attn8-tests] [attn8] [bench CONFIGS] [bench-old CONFIGS] [peers1] [peers2]
 #        [peers3] [peers-cp2] [peers-cp4] [levers] [fused-quant]
 # (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
 # counts of `parallel` (default "1 2 4"); $ATTN8_QUANT the --quantize values of `attn8` (default "none fp8");
@@ -208,6 +208,55 @@ oi.generate(pipe, oi.Request(["a fox"], ["a fox"], 1024, 1024, 28, 3.5, [0], 512
 oi.sync(pipe.device); lap("first image (1024x1024, 28 steps: the step's capture included)")
 print(oi.describe(pipe))
 print(torch._dynamo.utils.compile_times())
+PY
+      done ;;
+    overlap)  # issue 14: can the first image's denoise hide diffusers' import and the VAE's build? One process per
+              # way: `main` imports and builds after the 28 replays are queued, `thread` in a thread started before
+              # them. Each prints when the queue returned and whether the GPU was still busy at each point.
+      for way in main thread; do
+        python3 - $way <<'PY' 2>&1 | tee -a "$OUT/overlap.log" || status=1
+import sys, threading, time
+import torch
+import optimized_inference as oi
+from transformers import CLIPTextModel, T5EncoderModel  # noqa: F401  (the CLI has them before the first image)
+way, dev, dtype = sys.argv[1], torch.device("cuda"), torch.bfloat16
+opts = oi.effective_options(oi.Options(compile=False), dev)  # eager blocks in CUDA graphs: no compile time
+cfg = oi.CONFIGS["flux-dev"]
+with oi.default_dtype(dtype):
+    with torch.device("meta"):
+        model = oi.Flux(cfg, opts)
+    model = oi.init_random_(model.to_empty(device=dev)).requires_grad_(False)
+pipe = oi.Pipeline(cfg, model, None, None, None, None, None, "random", dev, dtype, opts)
+g = torch.Generator().manual_seed(0)
+noise = torch.randn(1, 16, 128, 128, generator=g).to(dev, dtype)
+txt = torch.randn(1, 512, 4096, generator=g).to(dev, dtype)
+pooled = torch.randn(1, 768, generator=g).to(dev, dtype)
+sigmas = oi.flow_match_sigmas(28, 4096, cfg.scheduler)
+oi.denoise(pipe, noise, txt, pooled, sigmas, 3.5)  # captures the step's graph
+torch.cuda.synchronize()
+t0, marks = time.perf_counter(), []
+start, end, stream = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), torch.cuda.current_stream()
+def mark(what):  # the stream is the default one, which the worker thread shares
+    marks.append(f"{what} at {time.perf_counter() - t0:.2f}s (GPU {'idle' if stream.query() else 'busy'})")
+def build():
+    from diffusers import AutoencoderKL
+    mark("diffusers imported")
+    with oi.default_dtype(dtype), torch.device(dev):
+        vae = AutoencoderKL(**oi.FLUX_VAE_CONFIG)
+    mark("VAE built")
+    return vae
+worker = threading.Thread(target=build) if way == "thread" else None
+start.record()
+if worker:
+    worker.start()
+latents = oi.denoise(pipe, noise, txt, pooled, sigmas, 3.5)
+end.record()
+mark("28 replays queued")
+worker.join() if worker else build()
+mark("import and build done")
+torch.cuda.synchronize()
+mark("synchronized")
+print(f"== {way}: denoise {start.elapsed_time(end) / 1000:.2f}s on the GPU; " + "; ".join(marks))
 PY
       done ;;
     levers)  # issue 15: each candidate kernel change timed alone at FLUX's shapes against today's path (profiling.py);
