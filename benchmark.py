@@ -130,7 +130,7 @@ LADDER = {
     "opt+rope-halves": ("--no-rope-halves",),
     "opt+rope-per-stream": ("--no-rope-per-stream",),
     "opt+sigmoid-gelu": ("--no-sigmoid-gelu",),
-    "opt+uint8-on-gpu": ("--no-uint8-on-gpu",),
+    "opt+uint8-on-gpu": ("--no-uint8-on-gpu", "--no-deferred-vae"),  # the VAE's build moves load time, not a run's
     "opt+attention": ("--attention", "sdpa"),  # back to --attention auto: the kernel chosen per GPU architecture
 }
 

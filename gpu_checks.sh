@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
 # Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [ttfi] [offload] [fp8-error] [batch] [parallel]
-#        [mixed] [sweep] [vae] [startup] [overlap] [attn8-tests] [attn8] [bench CONFIGS] [bench-old CONFIGS] [peers1] [peers2]
-#        [peers3] [peers-cp2] [peers-cp4] [levers] [fused-quant]
+#        [mixed] [deferred-vae] [sweep] [vae] [startup] [overlap] [attn8-tests] [attn8] [bench CONFIGS] [bench-old CONFIGS]
+#        [peers1] [peers2] [peers3] [peers-cp2] [peers-cp4] [levers] [fused-quant]
 # (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
 # counts of `parallel` (default "1 2 4"); $ATTN8_QUANT the --quantize values of `attn8` (default "none fp8");
 # $MIXED_VAE the VAE modes of `mixed` (default "compiled eager").
@@ -140,6 +140,32 @@ print(f"warm against cold: {len(cold)} images, largest pixel difference per imag
 sys.exit(int(len(cold) == 0 or max(diffs) > 0))
 PY
       done ;;
+    deferred-vae)  # issue 14: --deferred-vae against the VAE built at load, on one machine: a cold process (at load),
+                   # then a warm one each way, over one prompt per size; each directory's images against the others'
+      python3 - "$OUT/three.jsonl" <<'PY'
+import json, sys
+with open(sys.argv[1], "w") as f:
+    for i, (h, w) in enumerate([(1024, 1024), (768, 1360), (1152, 896)]):
+        f.write(json.dumps({"prompt": f"prompt {i}: a lighthouse on a cliff, storm", "height": h, "width": w}) + "\n")
+PY
+      rm -rf /tmp/cc-deferred
+      for run in cold-atload warm-atload warm-deferred; do
+        flag=(); [ "${run#*-}" = atload ] && flag=(--no-deferred-vae)
+        python3 optimized_inference.py --random-weights --prompts-file "$OUT/three.jsonl" "${flag[@]}" \
+          --output-dir /tmp/deferred-$run --compile-cache /tmp/cc-deferred 2>&1 | stamp | grep -v "it/s\]$" \
+          | tee "$OUT/deferred-$run.log" || status=1
+      done
+      python3 - /tmp/deferred-{cold-atload,warm-atload,warm-deferred} <<'PY' 2>&1 | tee -a "$OUT/deferred-compare.log"
+import glob, os, sys
+import numpy as np
+from PIL import Image
+def pixels(d):
+    return [np.asarray(Image.open(p), dtype=np.int16) for p in sorted(glob.glob(os.path.join(d, "*.png")))]
+a, b, c = (pixels(d) for d in sys.argv[1:])
+for name, x, y in (("warm-atload vs cold-atload", b, a), ("warm-deferred vs warm-atload", c, b)):
+    print(name, len(x), "images, largest pixel difference per image", [int(abs(p - q).max()) for p, q in zip(x, y)])
+PY
+      ;;
     sweep)  # issue 14: steady state at 1024x1024 per batch size in one process per mode (dynamic bf16, static bf16,
             # dynamic fp8); each batch size warmed up with a 2-step request (same shapes), then timed
       for mode in "none dynamic 1,2,4,8,16" "none static 1" "fp8 dynamic 1,2,4,8"; do
@@ -211,32 +237,26 @@ print(torch._dynamo.utils.compile_times())
 PY
       done ;;
     overlap)  # issue 14: can the first image's denoise hide diffusers' import and the VAE's build? One process per
-              # way: `main` imports and builds after the 28 replays are queued, `thread` in a thread started before
-              # them. Each prints when the queue returned and whether the GPU was still busy at each point.
-      for way in main thread; do
+              # way at 1024x1024 (eager blocks in CUDA graphs, so no compile): `after` imports and builds once the
+              # 28 replays are queued (runs 40-41), `thread` as --deferred-vae does (the import in a thread started
+              # once the step is captured, the build after the denoise, a 0.1 ms GIL switch interval meanwhile),
+              # `thread-5ms` the same at Python's default interval. Each prints when the queue returned and whether
+              # the GPU was still busy then.
+      for way in after thread thread-5ms; do
         python3 - $way <<'PY' 2>&1 | tee -a "$OUT/overlap.log" || status=1
-import sys, threading, time
+import sys, time
 import torch
 import optimized_inference as oi
 from transformers import CLIPTextModel, T5EncoderModel  # noqa: F401  (the CLI has them before the first image)
 way, dev, dtype = sys.argv[1], torch.device("cuda"), torch.bfloat16
-opts = oi.effective_options(oi.Options(compile=False), dev)  # eager blocks in CUDA graphs: no compile time
+opts = oi.effective_options(oi.Options(compile=False), dev)
 cfg = oi.CONFIGS["flux-dev"]
 with oi.default_dtype(dtype):
     with torch.device("meta"):
         model = oi.Flux(cfg, opts)
     model = oi.init_random_(model.to_empty(device=dev)).requires_grad_(False)
-pipe = oi.Pipeline(cfg, model, None, None, None, None, None, "random", dev, dtype, opts)
-g = torch.Generator().manual_seed(0)
-noise = torch.randn(1, 16, 128, 128, generator=g).to(dev, dtype)
-txt = torch.randn(1, 512, 4096, generator=g).to(dev, dtype)
-pooled = torch.randn(1, 768, generator=g).to(dev, dtype)
-sigmas = oi.flow_match_sigmas(28, 4096, cfg.scheduler)
-oi.denoise(pipe, noise, txt, pooled, sigmas, 3.5)  # captures the step's graph
-torch.cuda.synchronize()
-t0, marks = time.perf_counter(), []
-start, end, stream = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), torch.cuda.current_stream()
-def mark(what):  # the stream is the default one, which the worker thread shares
+t0, marks, stream = time.perf_counter(), [], torch.cuda.current_stream()
+def mark(what):  # the default stream, which any thread's work joins
     marks.append(f"{what} at {time.perf_counter() - t0:.2f}s (GPU {'idle' if stream.query() else 'busy'})")
 def build():
     from diffusers import AutoencoderKL
@@ -245,14 +265,24 @@ def build():
         vae = AutoencoderKL(**oi.FLUX_VAE_CONFIG)
     mark("VAE built")
     return vae
-worker = threading.Thread(target=build) if way == "thread" else None
+pipe = oi.Pipeline(cfg, model, None, None, None, None, None, "random", dev, dtype, opts)
+g = torch.Generator().manual_seed(0)
+noise = torch.randn(1, 16, 128, 128, generator=g).to(dev, dtype)
+txt = torch.randn(1, 512, 4096, generator=g).to(dev, dtype)
+pooled = torch.randn(1, 768, generator=g).to(dev, dtype)
+oi.denoise(pipe, noise, txt, pooled, oi.flow_match_sigmas(2, 4096, cfg.scheduler), 3.5)  # captures the step
+deferred = pipe.vae = oi.DeferredVAE(oi.FLUX_VAE_CONFIG, build) if way != "after" else None
+sigmas = oi.flow_match_sigmas(28, 4096, cfg.scheduler)
+torch.cuda.synchronize()
+if way == "thread-5ms":
+    sys.setswitchinterval = lambda interval: None
+start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+t0 = time.perf_counter()
 start.record()
-if worker:
-    worker.start()
 latents = oi.denoise(pipe, noise, txt, pooled, sigmas, 3.5)
 end.record()
-mark("28 replays queued")
-worker.join() if worker else build()
+mark("28 replays queued" + (f", import thread {'running' if deferred.thread.is_alive() else 'done'}" if deferred else ""))
+deferred.build() if way != "after" else build()
 mark("import and build done")
 torch.cuda.synchronize()
 mark("synchronized")

@@ -33,6 +33,7 @@ import re
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -168,6 +169,9 @@ class Options:
         "error (run 32)", False)
     cuda_graphs: bool = optimization("the step captured once per shape as a CUDA graph (`CUDAGraphStep`)",
                                      "no per-kernel launch cost, no CPU in the loop")
+    deferred_vae: bool = optimization(
+        "the VAE left to the first image: diffusers imported in a thread during its denoise, the VAE built after "
+        "(`DeferredVAE`)", "diffusers' import is ~3 s of a warm start (run 34), which the GPU's first denoise hides")
     channels_last_vae: bool = optimization("VAE decoder in channels_last", "its convolutions run faster in NHWC",
                                            False)
     uint8_on_gpu: bool = optimization("decoded pixels rounded to uint8 on the GPU",
@@ -784,6 +788,37 @@ class ByteTokenizer:
         return argparse.Namespace(input_ids=ids)
 
 
+class DeferredVAE:
+    """--deferred-vae: the VAE's config (all that comes before decoding needs) and its build, left to the first image.
+
+    Importing diffusers is seconds of Python (run 34) that the first image's denoise can hide: its 28 graph replays
+    keep the main thread waiting for the GPU, in the queue of launches itself (run 42), so the import runs in a thread
+    started once the step is captured (a capture forbids other CUDA work) and the build follows the denoise."""
+
+    def __init__(self, config: dict, build):
+        self.config, self._build, self.thread = config, build, None
+
+    def start_import(self) -> None:
+        if self.thread is None:
+            # The main thread takes the GIL back after each launch of the loop; at Python's 5 ms switch interval the
+            # importing thread made it wait long enough to starve the GPU (+0.7 s on the denoise, run 42).
+            self.switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(1e-4)
+            self.thread = threading.Thread(target=self._import, daemon=True)
+            self.thread.start()
+
+    @staticmethod
+    def _import() -> None:
+        with contextlib.suppress(ImportError):  # build()'s own import raises it again, with its message
+            importlib.import_module("diffusers.models.autoencoders.autoencoder_kl")
+
+    def build(self) -> nn.Module:
+        if self.thread is not None:
+            self.thread.join()
+            sys.setswitchinterval(self.switch_interval)
+        return self._build()
+
+
 @dataclass
 class Pipeline:
     cfg: FluxConfig
@@ -792,7 +827,7 @@ class Pipeline:
     t5: nn.Module
     clip_tokenizer: object
     t5_tokenizer: object
-    vae: nn.Module
+    vae: nn.Module | DeferredVAE
     model_name: str
     device: torch.device
     dtype: torch.dtype
@@ -805,7 +840,7 @@ class Pipeline:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae.config["block_out_channels"]) - 1)
 
     @property
     def is_main_rank(self) -> bool:
@@ -852,7 +887,6 @@ def default_dtype(dtype):
 def load_pipeline(model: str, device, dtype, opts: Options, random_weights: bool = False,
                   text_encoders_from: str | None = None, offload_text_encoders: bool = False,
                   precompiled: str | None = None) -> Pipeline:
-    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     if random_weights:
@@ -866,7 +900,7 @@ def load_pipeline(model: str, device, dtype, opts: Options, random_weights: bool
                 torch.manual_seed(0)
                 clip = CLIPTextModel(CLIPTextConfig(**CLIP_L_CONFIG))
                 t5 = T5EncoderModel(T5Config(**T5_XXL_CONFIG))
-                vae = AutoencoderKL(**FLUX_VAE_CONFIG)
+        vae_config = FLUX_VAE_CONFIG
         name = f"{model} (random weights)"
     elif model.endswith(".safetensors"):  # Black Forest Labs' single file: the rest from --text-encoders-from
         from bfl_checkpoint import load_bfl_pipeline_parts
@@ -884,22 +918,37 @@ def load_pipeline(model: str, device, dtype, opts: Options, random_weights: bool
     if not random_weights:
         clip = from_folder(CLIPTextModel, path, "text_encoder", dtype=dtype).to(device)
         t5 = from_folder(T5EncoderModel, path, "text_encoder_2", dtype=dtype).to(device)
-        vae = from_folder(AutoencoderKL, path, "vae", dtype=dtype).to(device)
-    for m in (clip, t5, vae):
+        vae_config = read_json(os.path.join(path, "vae", "config.json"))
+    for m in (clip, t5):
         m.eval().requires_grad_(False)
     transformer.requires_grad_(False)
     if offload_text_encoders:
         from prompts_file import offload_layerwise
 
         offload_layerwise(clip, device), offload_layerwise(t5, device)
-    bf16_transformer = optimize(transformer, vae, opts, precompiled)
+    bf16_transformer = optimize(transformer, opts, precompiled)
+
+    def build_vae() -> nn.Module:
+        from diffusers import AutoencoderKL
+
+        if not random_weights:
+            vae = from_folder(AutoencoderKL, path, "vae", dtype=dtype).to(device)
+        else:  # its own seed, so that when it is built does not change its weights
+            with torch.random.fork_rng([device] if torch.device(device).type == "cuda" else []):
+                torch.manual_seed(1)
+                with default_dtype(dtype), torch.device(device):
+                    vae = AutoencoderKL(**FLUX_VAE_CONFIG)
+        return optimize_vae(vae.eval().requires_grad_(False), opts)
+
+    vae = DeferredVAE(vae_config, build_vae) if opts.deferred_vae else build_vae()
     return Pipeline(cfg, transformer, clip, t5, clip_tok, t5_tok, vae, name, torch.device(device), dtype, opts,
                     bf16_transformer=bf16_transformer)
 
 
-def optimize(transformer: Flux, vae: nn.Module, opts: Options, precompiled: str | None = None) -> Flux | None:
-    """What is applied to the loaded models, in order (weight transforms: prepare_state; the rest of Options: the
-    code paths it names; `precompiled`: compile_blocks'). Returns the bf16 model for --compare-bf16, else None."""
+def optimize(transformer: Flux, opts: Options, precompiled: str | None = None) -> Flux | None:
+    """What is applied to the loaded transformer, in order (weight transforms: prepare_state; the rest of Options:
+    the code paths it names; `precompiled`: compile_blocks'; the VAE's: optimize_vae, once it is built). Returns the
+    bf16 model for --compare-bf16, else None."""
     bf16 = None
     if opts.lora or opts.lora_swaps:  # LoRA deltas into the weights, before fp8 quantizes them (lora.py)
         from lora import LoraWeights
@@ -912,18 +961,22 @@ def optimize(transformer: Flux, vae: nn.Module, opts: Options, precompiled: str 
 
         bf16 = fp8.bf16_twin(transformer) if opts.compare_bf16 else None
         fp8.quantize_fp8_(transformer, opts.fp8_keep_bf16, opts.fp8_fused_quant)
-    if opts.channels_last_vae:  # the decoder's convolutions run faster in NHWC
-        vae.to(memory_format=torch.channels_last)
     if opts.compile:  # fuses the elementwise work around the matmuls into few kernels
         if opts.dynamic_shapes:
             dynamic_shapes_config()
         if opts.regional_compile:  # else the whole step is compiled, in step_function
             compile_blocks(transformer, compile_options(opts), opts.dynamic_shapes, precompiled)
+    return bf16
+
+
+def optimize_vae(vae: nn.Module, opts: Options) -> nn.Module:
+    if opts.channels_last_vae:  # the decoder's convolutions run faster in NHWC
+        vae.to(memory_format=torch.channels_last)
     if opts.compile and opts.compile_vae:
         torch._inductor.config.conv_1x1_as_mm = True  # the VAE's 1x1 convolutions as matmuls
         quiet_compile_warnings()
         vae.decode = torch.compile(vae.decode, fullgraph=True, dynamic=opts.dynamic_shapes)
-    return bf16
+    return vae
 
 
 def dynamic_shapes_config() -> None:
@@ -994,6 +1047,7 @@ def effective_options(opts: Options, device: torch.device) -> Options:
 def describe(pipe: Pipeline) -> str:
     """Evidence that each optimization applied, read off the model and what the last request ran (pipe.seen)."""
     model, seen, modules = pipe.transformer, pipe.seen, list(pipe.transformer.modules())
+    vae = pipe.vae if isinstance(pipe.vae, nn.Module) else None  # None: deferred, and no image decoded yet
     count = lambda test: sum(1 for m in modules if test(m))  # noqa: E731
     fp8 = sys.modules.get("fp8")  # never imported: no fp8 layer can exist
 
@@ -1032,9 +1086,11 @@ def describe(pipe: Pipeline) -> str:
         "precompiled graphs loaded/compiled": "/".join(str(sum(getattr(kind, n) for kind in precompiled))
                                                  for n in ("loaded", "compiled")) if precompiled else "off",
         "compile cache hits/misses": f"{inductor['fxgraph_cache_hit']}/{inductor['fxgraph_cache_miss']}",
-        "vae compiled": hasattr(pipe.vae.decode, "_torchdynamo_orig_callable"),
+        "vae built": seen.get("vae_built", "not yet" if vae is None else "at load"),
+        "vae compiled": vae is not None and hasattr(vae.decode, "_torchdynamo_orig_callable"),
         "cuda graphs": sum(isinstance(s, CUDAGraphStep) for s in pipe.steps.values()),
-        "channels-last vae": next(pipe.vae.parameters()).is_contiguous(memory_format=torch.channels_last),
+        "channels-last vae": vae is not None and next(vae.parameters()).is_contiguous(
+            memory_format=torch.channels_last),
         "uint8 on": seen.get("uint8_on"), "lora layers": len(model.loras.touched) if hasattr(model, "loras") else 0,
         "fp8 linear layers": 0 if fp8 is None else count(lambda m: isinstance(m, fp8.Float8Linear)),
         "fp8 fused quant": 0 if fp8 is None else fp8.fused_quant_functions(model)}.items())
@@ -1185,6 +1241,8 @@ def denoise(pipe: Pipeline, noise: torch.Tensor, txt, pooled, sigmas: torch.Tens
                       guidance=guidance_vec, pooled=pooled) for i in range(steps)]
         pipe.seen.update(conditioning="every step", per_step_inputs=conds[0])
     step = step_function(pipe, x, dts[0], conds[0])
+    if isinstance(pipe.vae, DeferredVAE) and pipe.is_main_rank:  # captured: diffusers' import can run beside it
+        pipe.vae.start_import()
     for i in tqdm(range(steps), desc="denoising", leave=False, disable=None if pipe.is_main_rank else True):
         if opts.euler_in_graph:
             x = step(x, dts[i], conds[i])
@@ -1231,6 +1289,9 @@ def generate(pipe: Pipeline, req: Request, timer: Timer) -> np.ndarray | None:
     noise = initial_noise(req.seeds, pipe.cfg.in_channels // 4, h, w, pipe.dtype).to(pipe.device)
     with timer("denoiser"):
         latents = denoise(pipe, noise, txt, pooled, sigmas, guidance)
+    if isinstance(pipe.vae, DeferredVAE) and pipe.is_main_rank:  # before the check below waits for the GPU
+        pipe.vae = pipe.vae.build()
+        pipe.seen["vae_built"] = "with the first image"
     if not torch.isfinite(latents).all():
         raise UserError("NaN/Inf in the latents after denoising (try --dtype bfloat16 or float32)")
     if not pipe.is_main_rank:

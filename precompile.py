@@ -54,7 +54,8 @@ def graph_key(block: torch.nn.Module, opts, options: dict, dynamic: bool) -> dic
     for name in TRACED_SOURCES:
         with open(os.path.join(HERE, name), "rb") as f:
             sources.update(f.read())
-    opts = {k: v for k, v in dataclasses.asdict(opts).items() if not k.startswith("lora")}  # LoRAs: weights
+    # LoRAs are weights, and the VAE's options shape no block: a graph serves whatever they are
+    opts = {k: v for k, v in dataclasses.asdict(opts).items() if not k.startswith("lora") and "vae" not in k}
     return {  # the module's name too: the script run as __main__ and imported as optimized_inference save apart
         "kind": f"{type(block).__module__}.{type(block).__qualname__}", "torch": torch.__version__,
         "python": platform.python_version(), "device": str(device.type),

@@ -294,7 +294,8 @@ def test_cli_matches_reference_and_diffusers(flags, tiny_pipeline_dir, reference
         "rope over head halves": str(n_attention if on else 0), "rope per stream": str(n_double if on else 0),
         "attention": "sdpa", "sigmoid gelu": str(2 * n_double + TINY["num_single_layers"] if on else 0),
         "step": "euler_step" if on else "velocity", "compile": "off", "compiled graphs": "0 for 1 step shapes",
-        "precompiled graphs loaded/compiled": "off", "compile cache hits/misses": "0/0", "vae compiled": "False",
+        "precompiled graphs loaded/compiled": "off", "compile cache hits/misses": "0/0",
+        "vae built": "with the first image" if on else "at load", "vae compiled": "False",
         "cuda graphs": "0", "channels-last vae": str(on), "uint8 on": "cpu", "lora layers": "0",
         "fp8 linear layers": "0", "fp8 fused quant": "0"}
     for component in ("text_encoders", "denoiser", "vae"):
@@ -352,6 +353,7 @@ def test_encode_prompt_uses_text_buckets(text_buckets, expected_len, tiny_pipeli
 def test_decode_matches_reference(channels_last, tiny_pipeline_dir):
     opts = dataclasses.replace(CPU_BASE, channels_last_vae=channels_last)
     pipe = oi.load_pipeline(tiny_pipeline_dir, "cpu", torch.float32, opts)
+    pipe.vae = pipe.vae.build()  # --deferred-vae (the default) leaves it to the first image
     vae = AutoencoderKL.from_pretrained(tiny_pipeline_dir, subfolder="vae").eval()
     latents = 2 * torch.randn(2, 4, 10, 14, generator=torch.Generator().manual_seed(8))
     seen = []  # (input, output) of every vae.decode call
@@ -375,6 +377,42 @@ def test_decode_matches_reference(channels_last, tiny_pipeline_dir):
     assert rel_err(opt_out, ref_out) < 1e-5
     assert actual.shape == expected.shape == (2, 40, 56, 3) and actual.dtype == np.uint8
     assert max_pixel_diff(actual, expected) <= 1 and expected.std() > 10
+
+
+def test_deferred_vae_imports_beside_the_first_denoise(tiny_pipeline_dir, monkeypatch):
+    """--deferred-vae: loading imports no diffusers; the first image starts its import in a thread once the step is
+    ready (on a GPU: captured, as a capture forbids other CUDA work) and before the steps run, then builds the VAE
+    before the NaN check waits for the latents; once only, and with the images of a VAE built at load."""
+    req = oi.Request(["a cat"], ["a cat"], HEIGHT, WIDTH, 2, GUIDANCE, [SEED], 48)
+    at_load = oi.load_pipeline(tiny_pipeline_dir, "cpu", torch.float32, dataclasses.replace(CPU_BASE,
+                                                                                            deferred_vae=False))
+    assert isinstance(at_load.vae, torch.nn.Module)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "diffusers", None)  # any import of diffusers during the load fails
+        pipe = oi.load_pipeline(tiny_pipeline_dir, "cpu", torch.float32, CPU_BASE)
+    assert isinstance(pipe.vae, oi.DeferredVAE) and pipe.vae_scale_factor == at_load.vae_scale_factor == 4
+    events = []
+
+    def record(name, fn):
+        return lambda *args, **kwargs: events.append(name) or fn(*args, **kwargs)
+
+    original_step_function = oi.step_function
+    monkeypatch.setattr(oi, "step_function", lambda *args: events.append("step ready") or record(
+        "step", original_step_function(*args)))
+    deferred = pipe.vae
+    monkeypatch.setattr(deferred, "start_import", record("import", deferred.start_import))
+    monkeypatch.setattr(deferred, "build", record("build", deferred.build))
+    monkeypatch.setattr(torch, "isfinite", record("wait", torch.isfinite))
+    monkeypatch.setattr(oi, "decode", record("decode", oi.decode))
+    first = oi.generate(pipe, req, oi.Timer(pipe.device))
+    assert not deferred.thread.is_alive() and "diffusers.models.autoencoders.autoencoder_kl" in sys.modules
+    assert events.index("step ready") < events.index("import") and events[-3:] == ["build", "wait", "decode"]
+    assert events.count("step") == 2 and events.index("step ready") < events.index("step") < events.index("build")
+    assert isinstance(pipe.vae, torch.nn.Module) and pipe.seen["vae_built"] == "with the first image"
+    second = oi.generate(pipe, req, oi.Timer(pipe.device))
+    assert events.count("build") == 1 and events.count("import") == 1
+    expected = oi.generate(at_load, req, oi.Timer(at_load.device))
+    assert np.array_equal(first, expected) and np.array_equal(second, expected)
 
 
 def test_default_path_needs_only_the_script(tiny_pipeline_dir, tmp_path):
