@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
 # Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [ttfi] [offload] [fp8-error] [batch] [parallel]
-#        [mixed] [deferred-vae] [sweep] [vae] [startup] [overlap] [attn8-tests] [attn8] [bench CONFIGS] [bench-old CONFIGS]
+#        [mixed] [deferred-vae] [sweep] [vae] [startup] [importtime] [overlap] [attn8-tests] [attn8] [bench CONFIGS] [bench-old CONFIGS]
 #        [peers1] [peers2] [peers3] [peers-cp2] [peers-cp4] [levers] [fused-quant]
 # (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
 # counts of `parallel` (default "1 2 4"); $ATTN8_QUANT the --quantize values of `attn8` (default "none fp8");
@@ -123,7 +123,10 @@ PY
       for vae in ${MIXED_VAE:-compiled eager}; do  # MIXED_VAE=eager: the default VAE only
         flag=(); [ $vae = compiled ] && flag=(--compile-vae)
         rm -rf /tmp/cc-mixed-$vae
-        for run in cold warm; do  # whole processes; every line stamped with the seconds since the process started
+        for run in cold warm ${MIXED_NOPYC:+warm-nopyc}; do  # whole processes; every line stamped with the seconds
+          # since the process started. MIXED_NOPYC=1: a third, warm but without the Python bytecode that the first
+          # cached (this machine sets PYTHONDONTWRITEBYTECODE; --compile-cache keeps it then: use_compile_cache)
+          [ $run = warm-nopyc ] && rm -rf /tmp/cc-mixed-$vae/pycache
           python3 optimized_inference.py --random-weights --prompts-file "$OUT/mixed.jsonl" "${flag[@]}" \
             --output-dir /tmp/mixed-$vae-$run --compile-cache /tmp/cc-mixed-$vae 2>&1 | stamp | grep -v "it/s\]$" \
             | tee "$OUT/mixed-$vae-$run.log" || status=1
@@ -236,13 +239,23 @@ print(oi.describe(pipe))
 print(torch._dynamo.utils.compile_times())
 PY
       done ;;
+    importtime)  # issue 14: what a warm start imports: `python3 -X importtime` on the CLI with one prompt, a cold
+                 # process (fills the cache) then two warm ones; the interpreter's bytecode settings first
+      python3 -c "import sys, torch; print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'pycache_prefix', sys.pycache_prefix, torch.__file__)" | tee "$OUT/imports-env.txt"
+      ls "$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')/__pycache__" | head -3 | tee -a "$OUT/imports-env.txt"
+      echo '{"prompt": "a lighthouse on a cliff, storm", "height": 1024, "width": 1024}' > "$OUT/one.jsonl"
+      rm -rf /tmp/cc-imports
+      for run in cold warm1 warm2; do
+        python3 -X importtime optimized_inference.py --random-weights --prompts-file "$OUT/one.jsonl" \
+          --output-dir /tmp/imports-$run --compile-cache /tmp/cc-imports 2> "$OUT/importtime-$run.txt" | stamp \
+          | tee "$OUT/imports-$run.log" || status=1
+      done ;;
     overlap)  # issue 14: can the first image's denoise hide diffusers' import and the VAE's build? One process per
               # way at 1024x1024 (eager blocks in CUDA graphs, so no compile): `after` imports and builds once the
               # 28 replays are queued (runs 40-41), `thread` as --deferred-vae does (the import in a thread started
-              # once the step is captured, the build after the denoise, a 0.1 ms GIL switch interval meanwhile),
-              # `thread-5ms` the same at Python's default interval. Each prints when the queue returned and whether
-              # the GPU was still busy then.
-      for way in after thread thread-5ms; do
+              # once the step is captured, the build after the denoise). Each prints when the queue returned and
+              # whether the GPU was still busy then.
+      for way in after thread; do
         python3 - $way <<'PY' 2>&1 | tee -a "$OUT/overlap.log" || status=1
 import sys, time
 import torch
@@ -274,8 +287,6 @@ oi.denoise(pipe, noise, txt, pooled, oi.flow_match_sigmas(2, 4096, cfg.scheduler
 deferred = pipe.vae = oi.DeferredVAE(oi.FLUX_VAE_CONFIG, build) if way != "after" else None
 sigmas = oi.flow_match_sigmas(28, 4096, cfg.scheduler)
 torch.cuda.synchronize()
-if way == "thread-5ms":
-    sys.setswitchinterval = lambda interval: None
 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 t0 = time.perf_counter()
 start.record()

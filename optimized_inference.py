@@ -800,10 +800,6 @@ class DeferredVAE:
 
     def start_import(self) -> None:
         if self.thread is None:
-            # The main thread takes the GIL back after each launch of the loop; at Python's 5 ms switch interval the
-            # importing thread made it wait long enough to starve the GPU (+0.7 s on the denoise, run 42).
-            self.switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(1e-4)
             self.thread = threading.Thread(target=self._import, daemon=True)
             self.thread.start()
 
@@ -815,7 +811,6 @@ class DeferredVAE:
     def build(self) -> nn.Module:
         if self.thread is not None:
             self.thread.join()
-            sys.setswitchinterval(self.switch_interval)
         return self._build()
 
 
@@ -1554,13 +1549,13 @@ def main(argv=None) -> int:
             loras = lora_options(args)
         opts = effective_options(Options(**{**{f.name: getattr(args, f.name) for f in fields(Options) if "lora" not in
                                                f.name}, **loras}), torch.device(args.device))
-        if opts.compile:  # --no-dynamic-shapes: a graph per shape and kind of block (double/single, bf16/fp8)
-            torch._dynamo.config.recompile_limit = max(8, 4 * args.max_graphs)
         precompiled = None
-        if opts.compile and args.compile_cache is not None:
+        if opts.compile and args.compile_cache is not None:  # first: it may cache the bytecode of what follows
             from prompts_file import use_compile_cache
 
             precompiled = use_compile_cache(args.compile_cache)
+        if opts.compile:  # --no-dynamic-shapes: a graph per shape and kind of block (double/single, bf16/fp8)
+            torch._dynamo.config.recompile_limit = max(8, 4 * args.max_graphs)
         # Saved graphs are for one process's blocks: not under torchrun (each rank's attention holds its process
         # group), nor with --compare-bf16 (it runs the compiled blocks eagerly through dynamo's stance).
         if group is not None or opts.compare_bf16:

@@ -270,8 +270,9 @@ def offload_layerwise(encoder: nn.Module, device) -> None:
 
 def use_compile_cache(directory: str) -> str | None:
     """--compile-cache: inductor's and AOTAutograd's caches in `directory` (torch keeps them in /tmp by default), so
-    that a process after a reboot still skips most of the compile work; 'none' switches them off. Returns where the
-    blocks' graphs are saved whole (precompile.py: a warm process traces nothing), or None where they cannot be."""
+    that a process after a reboot still skips most of the compile work, and Python's bytecode where the environment
+    writes none; 'none' switches them off. Returns where the blocks' graphs are saved whole (precompile.py: a warm
+    process traces nothing), or None where they cannot be."""
     if directory == "none":
         torch._inductor.config.fx_graph_cache = False
         torch._functorch.config.enable_autograd_cache = False
@@ -283,6 +284,10 @@ def use_compile_cache(directory: str) -> str | None:
     except OSError as e:
         print(f"warning: no compile cache in {directory} ({e}); using torch's default", file=sys.stderr)
         return None
+    if sys.dont_write_bytecode:  # PYTHONDONTWRITEBYTECODE, as Docker's Python images and BENCHMARKS.md's GPU set it
+        # Else every process compiles the libraries' Python source again: what is imported from here on (dynamo,
+        # inductor, transformers, diffusers: ~10 s of a warm start there, run 44) keeps its bytecode in `directory`.
+        sys.pycache_prefix, sys.dont_write_bytecode = os.path.join(directory, "pycache"), False
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True

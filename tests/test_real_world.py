@@ -1,8 +1,10 @@
 """Many prompts, many shapes, BFL single-file checkpoints, the graph cache (optimized_inference.py, CPU)."""
 
+import importlib
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -203,12 +205,34 @@ def test_bfl_checkpoint_errors(tiny_pipeline_dir, tmp_path, capsys):
 def test_unwritable_compile_cache_falls_back_with_a_warning(tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")
+    for name in ("pycache_prefix", "dont_write_bytecode"):  # restored after: PYTHONDONTWRITEBYTECODE may be set
+        monkeypatch.setattr(sys, name, getattr(sys, name))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))
     prompts_file.use_compile_cache(str(blocker / "cache"))
     assert "warning: no compile cache" in capsys.readouterr().err
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "before")
     prompts_file.use_compile_cache(str(tmp_path / "cache"))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
+
+
+def test_compile_cache_keeps_bytecode_where_the_environment_writes_none(tmp_path, monkeypatch):
+    """PYTHONDONTWRITEBYTECODE set: --compile-cache keeps the bytecode of what is imported after it (~10 s of a warm
+    start on BENCHMARKS.md's GPU, run 44); where Python writes bytecode anyway, its places are left as they are."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "module_for_the_pycache_test.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))
+    monkeypatch.setattr(sys, "pycache_prefix", None)
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    prompts_file.use_compile_cache(str(tmp_path / "writes"))
+    assert sys.pycache_prefix is None and not sys.dont_write_bytecode
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    prompts_file.use_compile_cache(str(tmp_path / "cache"))
+    assert not sys.dont_write_bytecode and sys.pycache_prefix == str(tmp_path / "cache" / "pycache")
+    importlib.invalidate_caches()
+    monkeypatch.delitem(sys.modules, "module_for_the_pycache_test", raising=False)
+    assert importlib.import_module("module_for_the_pycache_test").X == 1
+    assert list((tmp_path / "cache" / "pycache").rglob("module_for_the_pycache_test.*.pyc"))
 
 
 @torch.no_grad()
