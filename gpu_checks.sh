@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
 # Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [ttfi] [offload] [fp8-error] [batch] [parallel]
-#        [mixed] [deferred-vae] [sweep] [vae] [startup] [importtime] [overlap] [attn8-tests] [attn8] [bench CONFIGS] [bench-old CONFIGS]
+#        [mixed] [deferred-vae] [sweep] [vae] [startup] [importtime] [determinism] [overlap] [attn8-tests] [attn8] [bench CONFIGS] [bench-old CONFIGS]
 #        [peers1] [peers2] [peers3] [peers-cp2] [peers-cp4] [levers] [fused-quant]
 # (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
 # counts of `parallel` (default "1 2 4"); $ATTN8_QUANT the --quantize values of `attn8` (default "none fp8");
@@ -250,6 +250,29 @@ PY
           --output-dir /tmp/imports-$run --compile-cache /tmp/cc-imports 2> "$OUT/importtime-$run.txt" | stamp \
           | tee "$OUT/imports-$run.log" || status=1
       done ;;
+    determinism)  # runs 40 and 45b: a warm process's pixels 5-6 levels off the cold one's, now and then. Suspect:
+                  # inductor's kernels autotuned again in the warm process (timing picks the config). One 1024x1024
+                  # prompt: cold, warm, warm without $TORCHINDUCTOR_CACHE_DIR set before the start; after each, the
+                  # autotune results in the cache (count and digest) and the pixels against the cold image
+      echo '{"prompt": "a lighthouse on a cliff, storm", "height": 1024, "width": 1024}' > "$OUT/one.jsonl"
+      rm -rf /tmp/cc-det
+      for run in cold warm warm-unset; do
+        touch /tmp/det-mark
+        env $([ $run = warm-unset ] && echo -u TORCHINDUCTOR_CACHE_DIR) python3 optimized_inference.py --random-weights \
+          --prompts-file "$OUT/one.jsonl" --output-dir /tmp/det-$run --compile-cache /tmp/cc-det 2>&1 | stamp \
+          | grep -v "it/s\]$" > "$OUT/det-$run.log" || status=1
+        echo "$run: $(find /tmp/cc-det -name '*.best_config' | wc -l) best_config files, digest $(find /tmp/cc-det \
+          -name '*.best_config' -exec cat {} + | md5sum | cut -c1-12), newest $(find /tmp/cc-det -name '*.best_config' \
+          -newer /tmp/det-mark | wc -l) written by this process" | tee -a "$OUT/determinism.log"
+        find /tmp /root -name '*.best_config' -newer /tmp/det-mark 2>/dev/null | sed 's#/[^/]*$##' | sort | uniq -c \
+          | head -5 | tee -a "$OUT/determinism.log"
+      done
+      python3 -c "
+import glob, numpy as np; from PIL import Image
+c = sorted(glob.glob('/tmp/det-cold/*.png'))
+for run in ('warm', 'warm-unset'):
+    print(run, 'against cold', [int(np.abs(np.asarray(Image.open(p), dtype=np.int16) - np.asarray(Image.open(p.replace('det-cold', 'det-' + run)), dtype=np.int16)).max()) for p in c])
+" 2>&1 | tee -a "$OUT/determinism.log" ;;
     overlap)  # issue 14: can the first image's denoise hide diffusers' import and the VAE's build? One process per
               # way at 1024x1024 (eager blocks in CUDA graphs, so no compile): `after` imports and builds once the
               # 28 replays are queued (runs 40-41), `thread` as --deferred-vae does (the import in a thread started
