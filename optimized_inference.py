@@ -1405,7 +1405,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--strict", action="store_true", help="a bad line in --prompts-file stops the run before any image")
     m.add_argument("--overwrite", action="store_true", help="make again the images already in --output-dir")
     m.add_argument("--max-graphs", type=int, default=8, help="captured shapes kept, least recently used evicted")
-    m.add_argument("--compile-cache", default=None, help="compile cache directory (default: torch's, in /tmp)")
+    m.add_argument("--compile-cache", default=None, help="compile cache directory: inductor's cache, the saved "
+                   "graphs, and Python's bytecode where PYTHONDONTWRITEBYTECODE is set (default: torch's, in /tmp)")
     m.add_argument("--offload-text-encoders", action="store_true",
                    help="CLIP/T5 in CPU memory, streamed to the GPU layer by layer: less GPU memory, slower")
     o = p.add_argument_group("optimizations (each on by default; --no-... turns one off)")
