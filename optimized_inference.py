@@ -967,6 +967,7 @@ def optimize(transformer: Flux, opts: Options, precompiled: str | None = None) -
 
 
 def optimize_vae(vae: nn.Module, opts: Options) -> nn.Module:
+    """What is applied to the VAE once it is built: at load, or with the first image (--deferred-vae)."""
     if opts.channels_last_vae:  # the decoder's convolutions run faster in NHWC
         vae.to(memory_format=torch.channels_last)
     if opts.compile and opts.compile_vae:
