@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device session: install carried wheels, run the GPU tests, time the scripts. Logs go to $OUT (or ./gpu-out).
 # Usage: bash gpu_checks.sh [tests] [reference] [optimized] [prompts] [ttfi] [offload] [fp8-error] [batch] [parallel]
-#        [mixed] [deferred-vae] [sweep] [vae] [startup] [importtime] [determinism] [overlap] [attn8-tests] [attn8] [bench CONFIGS] [bench-old CONFIGS]
+#        [mixed] [deferred-vae] [sweep] [vae] [startup] [importtime] [determinism] [determinism-stages] [overlap] [attn8-tests] [attn8] [bench CONFIGS] [bench-old CONFIGS]
 #        [peers1] [peers2] [peers3] [peers-cp2] [peers-cp4] [levers] [fused-quant]
 # (default: tests reference optimized). $TESTS narrows the tests (default tests/); $NPROCS lists the process
 # counts of `parallel` (default "1 2 4"); $ATTN8_QUANT the --quantize values of `attn8` (default "none fp8");
@@ -273,6 +273,43 @@ c = sorted(glob.glob('/tmp/det-cold/*.png'))
 for run in ('warm', 'warm-unset'):
     print(run, 'against cold', [int(np.abs(np.asarray(Image.open(p), dtype=np.int16) - np.asarray(Image.open(p.replace('det-cold', 'det-' + run)), dtype=np.int16)).max()) for p in c])
 " 2>&1 | tee -a "$OUT/determinism.log" ;;
+    determinism-stages)  # pending 3, next step: which stage a warm process's pixels leave the cold one's in. One
+                         # 1024x1024 prompt through the module's functions: cold, warm, then the carried wheels
+                         # installed again (runs 45b and 46 saw other pixels right after that) and two more warm
+                         # processes; each saves its T5 and CLIP output, latents and image; every pair compared
+      rm -rf /tmp/cc-det2 /tmp/det2-*.pt
+      for run in cold warm reinstall warm-r1 warm-r2; do
+        if [ $run = reinstall ]; then
+          python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            --find-links .whl $(ls .whl/*.whl | sed 's#.*/##; s#-.*##' | sort -u); continue
+        fi
+        python3 - $run <<'PY' 2>&1 | grep -v "it/s\]$" | tee -a "$OUT/determinism-stages.log" || status=1
+import sys, torch
+import optimized_inference as oi, prompts_file
+precompiled = prompts_file.use_compile_cache("/tmp/cc-det2")
+pipe = oi.load_pipeline("black-forest-labs/FLUX.1-dev", "cuda", torch.bfloat16,
+                        oi.effective_options(oi.Options(), torch.device("cuda")), random_weights=True,
+                        precompiled=precompiled)
+saved, encode, decode = {}, oi.encode_prompt, oi.decode
+oi.encode_prompt = lambda *a: saved.setdefault("text", encode(*a))
+oi.decode = lambda p, latents: (saved.setdefault("latents", latents.float().cpu()), decode(p, latents))[1]
+prompt = ["a lighthouse on a cliff, storm"]
+image = oi.generate(pipe, oi.Request(prompt, prompt, 1024, 1024, 28, 3.5, [0], 128), oi.Timer(pipe.device))
+torch.save({"txt": saved["text"][0].float().cpu(), "pooled": saved["text"][1].float().cpu(),
+            "latents": saved["latents"], "image": torch.from_numpy(image)}, f"/tmp/det2-{sys.argv[1]}.pt")
+print(sys.argv[1], "saved;", oi.describe(pipe).split("compile cache")[0][-60:])
+PY
+      done
+      python3 - <<'PY' 2>&1 | tee -a "$OUT/determinism-stages.log"
+import torch
+runs = ["cold", "warm", "warm-r1", "warm-r2"]
+data = {r: torch.load(f"/tmp/det2-{r}.pt") for r in runs}
+for key in ("txt", "pooled", "latents", "image"):
+    print(key, "largest difference against", " / ".join(runs), ":")
+    for a in runs:
+        print("  ", a, [float((data[a][key].float() - data[b][key].float()).abs().max()) for b in runs])
+PY
+      ;;
     overlap)  # issue 14: can the first image's denoise hide diffusers' import and the VAE's build? One process per
               # way at 1024x1024 (eager blocks in CUDA graphs, so no compile): `after` imports and builds once the
               # 28 replays are queued (runs 40-41), `thread` as --deferred-vae does (the import in a thread started
