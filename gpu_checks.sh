@@ -17,9 +17,12 @@ OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 # diffusers is not on the device image, nor NVIDIA's cuDNN frontend (`import cudnn`, for --attention cudnn-fp8); a
 # caller running several of these at once installs them first. A wheel built per Python version is carried once per
 # version: pip takes, by package name, the one that fits this interpreter.
-if ! python3 -c "import diffusers, cudnn" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+install_wheels() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     --find-links .whl $(ls .whl/*.whl | sed 's#.*/##; s#-.*##' | sort -u)
+}
+if ! python3 -c "import diffusers, cudnn" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  install_wheels
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
@@ -31,6 +34,24 @@ python3 -c "import cudnn; print('cudnn frontend', cudnn.__version__, 'backend', 
   | tail -1 | tee -a "$OUT/env.txt"
 status=0
 stamp() { python3 -u -c "import sys, time; t = time.time(); [print(f'{time.time() - t:6.1f} {l}', end='') for l in sys.stdin]"; }
+# The largest pixel difference per image of each DIR against REF's image of the same name; fails if any differ.
+pixel_diffs() {  # REF DIR...
+  python3 - "$@" <<'PY'
+import glob, os, sys
+import numpy as np
+from PIL import Image
+ref, *dirs = sys.argv[1:]
+names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ref, "*.png")))
+pixels = lambda folder, name: np.asarray(Image.open(os.path.join(folder, name)), dtype=np.int16)  # noqa: E731
+worst = 0 if names else 1
+for folder in dirs:
+    diffs = [int(np.abs(pixels(folder, n) - pixels(ref, n)).max()) for n in names]
+    worst = max([worst, *diffs])
+    print(f"{os.path.basename(folder)} against {os.path.basename(ref)}: {len(names)} images, largest pixel difference "
+          f"per image {diffs}")
+sys.exit(int(worst > 0))
+PY
+}
 while [ ${#steps[@]} -gt 0 ]; do
   step=${steps[0]}; steps=("${steps[@]:1}")
   start=$(date +%s)
@@ -132,19 +153,11 @@ PY
             | tee "$OUT/mixed-$vae-$run.log" || status=1
         done
         # The warm process ran the graphs the cold one saved (precompile.py): the same pixels, or a stale graph ran.
-        python3 - /tmp/mixed-$vae-cold /tmp/mixed-$vae-warm <<'PY' 2>&1 | tee -a "$OUT/mixed-$vae-warm.log" || status=1
-import glob, os, sys
-import numpy as np
-from PIL import Image
-cold = sorted(glob.glob(os.path.join(sys.argv[1], "*.png")))
-diffs = [np.abs(np.asarray(Image.open(p), dtype=np.int16) - np.asarray(Image.open(p.replace(sys.argv[1], sys.argv[2])),
-                                                                        dtype=np.int16)).max() for p in cold]
-print(f"warm against cold: {len(cold)} images, largest pixel difference per image {diffs}")
-sys.exit(int(len(cold) == 0 or max(diffs) > 0))
-PY
+        pixel_diffs /tmp/mixed-$vae-cold /tmp/mixed-$vae-warm${MIXED_NOPYC:+ /tmp/mixed-$vae-warm-nopyc} 2>&1 \
+          | tee -a "$OUT/mixed-$vae-warm.log" || status=1
       done ;;
     deferred-vae)  # issue 14: --deferred-vae against the VAE built at load, on one machine: a cold process (at load),
-                   # then a warm one each way, over one prompt per size; each directory's images against the others'
+                   # then a warm one each way, over one prompt per size; the warm images against the cold ones
       python3 - "$OUT/three.jsonl" <<'PY'
 import json, sys
 with open(sys.argv[1], "w") as f:
@@ -158,16 +171,8 @@ PY
           --output-dir /tmp/deferred-$run --compile-cache /tmp/cc-deferred 2>&1 | stamp | grep -v "it/s\]$" \
           | tee "$OUT/deferred-$run.log" || status=1
       done
-      python3 - /tmp/deferred-{cold-atload,warm-atload,warm-deferred} <<'PY' 2>&1 | tee -a "$OUT/deferred-compare.log"
-import glob, os, sys
-import numpy as np
-from PIL import Image
-def pixels(d):
-    return [np.asarray(Image.open(p), dtype=np.int16) for p in sorted(glob.glob(os.path.join(d, "*.png")))]
-a, b, c = (pixels(d) for d in sys.argv[1:])
-for name, x, y in (("warm-atload vs cold-atload", b, a), ("warm-deferred vs warm-atload", c, b)):
-    print(name, len(x), "images, largest pixel difference per image", [int(abs(p - q).max()) for p, q in zip(x, y)])
-PY
+      pixel_diffs /tmp/deferred-{cold-atload,warm-atload,warm-deferred} 2>&1 | tee -a "$OUT/deferred-compare.log" \
+        || status=1
       ;;
     sweep)  # issue 14: steady state at 1024x1024 per batch size in one process per mode (dynamic bf16, static bf16,
             # dynamic fp8); each batch size warmed up with a 2-step request (same shapes), then timed
@@ -267,12 +272,7 @@ PY
         find /tmp /root -name '*.best_config' -newer /tmp/det-mark 2>/dev/null | sed 's#/[^/]*$##' | sort | uniq -c \
           | head -5 | tee -a "$OUT/determinism.log"
       done
-      python3 -c "
-import glob, numpy as np; from PIL import Image
-c = sorted(glob.glob('/tmp/det-cold/*.png'))
-for run in ('warm', 'warm-unset'):
-    print(run, 'against cold', [int(np.abs(np.asarray(Image.open(p), dtype=np.int16) - np.asarray(Image.open(p.replace('det-cold', 'det-' + run)), dtype=np.int16)).max()) for p in c])
-" 2>&1 | tee -a "$OUT/determinism.log" ;;
+      pixel_diffs /tmp/det-{cold,warm,warm-unset} 2>&1 | tee -a "$OUT/determinism.log" || status=1 ;;
     determinism-stages)  # pending 3, next step: which stage a warm process's pixels leave the cold one's in. One
                          # 1024x1024 prompt through the module's functions: cold, warm, then the carried wheels
                          # installed again (runs 45b and 46 saw other pixels right after that) and two more warm
@@ -280,8 +280,7 @@ for run in ('warm', 'warm-unset'):
       rm -rf /tmp/cc-det2 /tmp/det2-*.pt
       for run in cold warm reinstall warm-r1 warm-r2; do
         if [ $run = reinstall ]; then
-          python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            --find-links .whl $(ls .whl/*.whl | sed 's#.*/##; s#-.*##' | sort -u); continue
+          install_wheels; continue
         fi
         python3 - $run <<'PY' 2>&1 | grep -v "it/s\]$" | tee -a "$OUT/determinism-stages.log" || status=1
 import sys, torch
